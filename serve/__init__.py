@@ -1,0 +1,1 @@
+"""Serving exported ponder models: the ONNX Runtime engine, the gRPC server and client (to come)."""
