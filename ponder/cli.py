@@ -10,6 +10,7 @@ import json
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from ponder import __version__
@@ -56,7 +57,93 @@ def build_parser() -> argparse.ArgumentParser:
     _plugin_switches(show, "sub_plugin_switches")
     show.set_defaults(handler=_plugins_show)
     plugins.set_defaults(handler=lambda args: _usage(plugins))
+
+    tr = commands.add_parser("train", help="train an ACT language model",
+                             description="Train an ACT language model from a TOML config or a built-in preset.")
+    source = tr.add_mutually_exclusive_group()
+    source.add_argument("--config", help="the run config (TOML)")
+    source.add_argument("--preset", help="a built-in config, e.g. 'demo'")
+    tr.add_argument("--out", "-o", default=None, help="run folder for checkpoints and metrics.jsonl "
+                                                      "(default: runs/<preset or config name>)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    tr.add_argument("--steps", type=int, help="train to this many steps (overrides train.steps)")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _plugin_switches(tr, "sub_plugin_switches")
+    tr.set_defaults(handler=_train)
+
+    ev = commands.add_parser("eval", help="perplexity and depth of a checkpoint per threshold",
+                             description="Evaluate a checkpoint: perplexity, layers executed and mean token depth "
+                                         "per threshold, as a table, JSON and a PNG.")
+    ev.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    ev.add_argument("--threshold", "-t", type=float, nargs="+", help="thresholds in (0, 1] (default: the trained one)")
+    ev.add_argument("--split", choices=["valid", "test"], default="valid", help="which split (default: valid)")
+    ev.add_argument("--batches", type=int, help="evaluate only the first N batches")
+    ev.add_argument("--output-dir", help="where eval.json and eval.png go (default: the run folder)")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _plugin_switches(ev, "sub_plugin_switches")
+    ev.set_defaults(handler=_eval)
     return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ponder.config import load_config
+    from ponder.train import Trainer
+
+    if args.steps is not None and args.steps < 1:
+        raise _usage_error(f"--steps must be >= 1, got {args.steps}")
+    if args.out is None:
+        if args.resume:
+            raise _usage_error("--resume needs --out RUN_FOLDER")
+        name = args.preset or (Path(args.config).stem if args.config else None)
+        if name is None:
+            raise _usage_error("give --config run.toml or --preset NAME")
+        args.out = str(Path("runs") / name)
+    run = None
+    if args.config or args.preset or not args.resume:
+        run = load_config(args.config, preset=args.preset)
+    trainer = Trainer(run, args.out, resume=args.resume, steps=args.steps, progress=not args.no_progress)
+    print(f"training {trainer.model.num_parameters():,} parameters into {args.out} "
+          f"(from step {trainer.step} to {trainer.run.train.steps})", file=sys.stderr)
+    final = trainer.train()
+    print(f"step {final['step']}: valid loss {final['loss']:.4f}, perplexity {final['perplexity']:.2f}, "
+          f"layers executed {final['layers_executed']:.2f} of {final['n_layers']}, "
+          f"mean token depth {final['mean_token_depth']:.2f}")
+    print(f"checkpoint: {args.out}/latest; metrics: {args.out}/metrics.jsonl")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ponder.checkpoint import resolve
+    from ponder.evaluate import evaluate_checkpoint
+    from ponder.plots import plot_eval
+
+    if args.batches is not None and args.batches < 1:
+        raise _usage_error(f"--batches must be >= 1, got {args.batches}")
+    ckpt = resolve(args.checkpoint)
+    results = evaluate_checkpoint(args.checkpoint, args.threshold, split=args.split, max_batches=args.batches)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    out_dir = Path(args.output_dir) if args.output_dir else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"checkpoint": str(ckpt), "split": args.split, "results": results}
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_eval(results, out_dir / "eval.png", title=f"{ckpt.name} ({args.split})")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{'threshold':>9}  {'perplexity':>10}  {'layers executed':>15}  {'mean token depth':>16}  of")
+    for r in results:
+        print(f"{r['threshold']:>9g}  {r['perplexity']:>10.3f}  {r['layers_executed']:>15.2f}  "
+              f"{r['mean_token_depth']:>16.2f}  {r['n_layers']}")
+    print(f"wrote {out_dir / 'eval.json'} and {out_dir / 'eval.png'}", file=sys.stderr)
+    return 0
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _usage_error(message: str) -> _UsageError:
+    return _UsageError(message)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -129,10 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         return _usage(parser)
     _configure_registry(args.plugin_switches + getattr(args, "sub_plugin_switches", []))
+    from ponder.errors import PonderError
     from ponder.registry import PluginError
 
     try:
         return handler(args)
-    except PluginError as exc:
+    except (PluginError, PonderError, _UsageError) as exc:
         print(f"ponder: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ponder: interrupted", file=sys.stderr)
+        return 130

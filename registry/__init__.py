@@ -26,7 +26,7 @@ __all__ = [
     "BUILTIN_PLUGINS", "ENTRY_POINT_GROUP", "KINDS", "NORM_POSITIONS", "Description", "Param", "PluginConflictError",
     "PluginError", "PluginFailure", "PluginInfo", "PluginLoadError", "PluginLoadWarning", "PluginParameterError",
     "Registry", "UnknownKindError", "UnknownPluginError", "configure", "create", "describe", "get_registry",
-    "hookimpl", "hookspec", "list_plugins", "normalize_kind", "normalize_name", "validate",
+    "hookimpl", "hookspec", "list_plugins", "normalize_kind", "normalize_name", "register_plugin", "validate",
 ]
 
 _registry: Registry | None = None
@@ -63,6 +63,11 @@ def describe(kind: str, name: str) -> Description:
 def validate(kind: str, name: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Check a plugin's parameters without building it; returns them merged over its defaults."""
     return get_registry().validate(kind, name, params)
+
+
+def register_plugin(plugin: Any, name: str, **kwargs: Any) -> None:
+    """Load a plugin object from this process into the shared registry (see :meth:`Registry.register_plugin`)."""
+    get_registry().register_plugin(plugin, name, **kwargs)
 
 
 def create(kind: str, name: str, *inputs: Any, **params: Any) -> Any:

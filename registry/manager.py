@@ -46,6 +46,7 @@ ENV_ALLOW = "PONDER_PLUGINS"
 BUILTIN_PLUGINS: dict[str, str] = {
     "ponder.norm": "ponder.plugins.norm",
     "ponder.optim": "ponder.plugins.optim",
+    "ponder.halt": "ponder.plugins.halt",
 }
 
 
@@ -231,6 +232,17 @@ class Registry:
         who = " and ".join(f"{i.distribution} {i.version} (plugin {i.plugin!r})" for i in infos)
         return (f"{key[0]} {infos[0].name!r} is registered by both {who}; block one with "
                 f"-p no:PLUGIN to use the other")
+
+    def register_plugin(self, plugin: Any, name: str, *, distribution: str = "(in-process)",
+                        version: str = "") -> None:
+        """Load a plugin object from this process (a module, or any object with ``@hookimpl``
+        methods), as if an entry point had named it: for notebooks, scripts and tests."""
+        self.load()
+        if self.plugin_manager.get_plugin(name) is not None:
+            raise ValueError(f"a plugin named {name!r} is already loaded")
+        self._load_plugin(name, lambda: plugin, distribution, version)
+        if normalize_name(name) in self.failures:
+            raise PluginLoadError(self.failures[normalize_name(name)].message)
 
     # -- the catalogue -------------------------------------------------------------------------
 

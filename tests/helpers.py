@@ -22,3 +22,51 @@ def run_ponder(*args: str, paths=(), env=None, check=True) -> subprocess.Complet
 
 def listing(*args: str, **kwargs) -> dict:
     return json.loads(run_ponder("plugins", "list", "--json", *args, **kwargs).stdout)
+
+
+def write_tiny_config(folder, *, steps=8, halting='name = "act"', extra="", text_chars=20_000):
+    """A tiny run config (and a small text corpus cut from the embedded one) that trains in seconds."""
+    from pathlib import Path
+
+    from ponder.data import embedded_corpus
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    corpus.write_text(embedded_corpus()[:text_chars])
+    config = folder / "tiny.toml"
+    config.write_text(f"""
+[model]
+d_model = 32
+n_layers = 3
+n_heads = 2
+n_local_heads = 1
+d_ff = 64
+max_seq_len = 32
+attn_window = 8.0
+act_threshold = 0.9
+
+[halting]
+{halting}
+
+[optimizer]
+name = "adamw"
+lr = 0.003
+
+[data]
+source = "text"
+path = "{corpus}"
+
+[train]
+steps = {steps}
+batch_size = 4
+seq_len = 32
+warmup_steps = 2
+eval_every = 4
+eval_batches = 2
+log_every = 2
+checkpoint_every = 4
+seed = 3
+{extra}
+""")
+    return config

@@ -1,0 +1,162 @@
+"""The ACT language model: a decoder-only transformer whose tokens stop going deeper on their own.
+
+embedding -> n_layers blocks (pre-norm causal attention with RoPE, some heads global and some
+within a sliding window; pre-norm MLP), each followed by the halting rule's step -> final norm
+-> LM head. Norms and the halting rule come from plugins. The layer loop stops as soon as every
+token in the batch has halted, so ``layers_executed`` is the deepest token's depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ponder import registry
+from ponder.config import ModelConfig, PluginSpec
+from ponder.dials import Dial, Dials
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
+    """cos and sin tables ``[seq_len, head_dim]`` for rotary position embeddings."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.arange(seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(seq_len: int, n_heads: int, n_local: int, window: int, device=None) -> Tensor:
+    """``[n_heads, T, T]`` boolean mask (True: may attend): causal for every head, and the last
+    ``n_local`` heads only see the ``window`` most recent positions (themselves included)."""
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    causal = j <= i
+    local = causal & (i - j < window)
+    is_local = torch.arange(n_heads, device=device) >= n_heads - n_local
+    return torch.where(is_local[:, None, None], local, causal)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    """Pre-norm attention and MLP with residuals; the norms come from a norm plugin."""
+
+    def __init__(self, cfg: ModelConfig, norm: PluginSpec) -> None:
+        super().__init__()
+        self.norm_attn = make_norm(norm, cfg.d_model, "attn")
+        self.attn = Attention(cfg.d_model, cfg.n_heads)
+        self.norm_ffn = make_norm(norm, cfg.d_model, "ffn")
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.attn(self.norm_attn(x), cos, sin, mask)
+        return x + self.mlp(self.norm_ffn(x))
+
+
+def make_norm(spec: PluginSpec, d_model: int, position: str) -> nn.Module:
+    return registry.create("norm", spec.name, d_model, position=position, **spec.params_for(position))
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, T, vocab]
+    layers_executed: int  # layers actually run: the deepest token's depth
+    depth: Tensor  # [B, T] layers run per token, 1..n_layers
+    loss: Tensor | None = None  # task loss + halting loss (what training minimises)
+    task_loss: Tensor | None = None  # the task part (PonderNet: expected over halting layers)
+    halt_loss: Tensor | None = None  # the halting rule's term (ponder cost, KL)
+    ce: Tensor | None = None  # cross-entropy of the final logits (perplexity = exp(ce))
+
+
+class PonderLM(nn.Module):
+    """Decoder-only LM with per-token adaptive depth."""
+
+    def __init__(self, cfg: ModelConfig, norm: PluginSpec | None = None, halting: PluginSpec | None = None) -> None:
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        self.norm_spec = norm or PluginSpec("layernorm")
+        self.halting_spec = halting or PluginSpec("act")
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, self.norm_spec) for _ in range(cfg.n_layers))
+        self.norm_final = make_norm(self.norm_spec, cfg.d_model, "final")
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(_init_weights)
+        # created after the init above so the rule keeps its own (e.g. a negative halting bias)
+        self.halting = registry.create("halting", self.halting_spec.name, cfg.d_model, cfg.n_layers,
+                                       **self.halting_spec.params)
+        self.dials = Dials(
+            Dial("rope_base", cfg.rope_base, 10.0, 1e8, doc="RoPE base of every attention layer"),
+            Dial("attn_window", cfg.attn_window, 1.0, float(cfg.max_seq_len), integer=True,
+                 doc="sliding window of the local attention heads"),
+            Dial("act_threshold", cfg.act_threshold, 0.0, 1.0, min_inclusive=False,
+                 doc="cumulative halting probability at which a token stops"),
+        )
+
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None,
+                threshold: float | None = None) -> ModelOutput:
+        b, t = input_ids.shape
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
+        threshold = self.dials.value("act_threshold") if threshold is None else self.dials["act_threshold"].check(
+            threshold)
+        head_dim = self.cfg.d_model // self.cfg.n_heads
+        cos, sin = rope_tables(t, head_dim, self.dials.value("rope_base"), input_ids.device)
+        mask = attention_mask(t, self.cfg.n_heads, self.cfg.n_local_heads, self.dials["attn_window"].as_int(),
+                              input_ids.device)
+        halting = self.halting
+        state = halting.init_state(self.embed(input_ids))
+        per_layer = halting.per_layer_task_loss and targets is not None
+        expected_task = input_ids.new_zeros((b, t), dtype=state.cum.dtype)
+        layers = 0
+        for i, block in enumerate(self.blocks):
+            s = block(state.hidden, cos, sin, mask)
+            state = halting.step(state, s, i, threshold)
+            layers = i + 1
+            if per_layer:
+                expected_task = expected_task + state.weight * _token_ce(self.head(self.norm_final(s)), targets)
+            if layers < len(self.blocks) and bool(state.halted.all()):
+                break
+        logits = self.head(self.norm_final(state.output))
+        out = ModelOutput(logits, layers, state.depth)
+        if targets is not None:
+            out.ce = _token_ce(logits, targets).mean()
+            out.task_loss = expected_task.mean() if per_layer else out.ce
+            out.halt_loss = halting.loss(state)
+            out.loss = out.task_loss + out.halt_loss
+        return out
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _token_ce(logits: Tensor, targets: Tensor) -> Tensor:
+    b, t, v = logits.shape
+    return F.cross_entropy(logits.reshape(b * t, v), targets.reshape(b * t), reduction="none").view(b, t)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,54 @@
+"""Plots a person would rather look at than read. matplotlib is imported only here (Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_eval(results: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Left: token-depth histogram per threshold. Right: perplexity and depth against threshold."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    n_layers = results[0]["n_layers"]
+    width = 0.8 / len(results)
+    for k, r in enumerate(results):
+        total = sum(r["depth_histogram"]) or 1
+        xs = [d + 1 + (k - (len(results) - 1) / 2) * width for d in range(n_layers)]
+        left.bar(xs, [c / total for c in r["depth_histogram"]], width=width, label=f"threshold {r['threshold']:g}")
+    left.set_xlabel("layers run by a token")
+    left.set_ylabel("share of tokens")
+    left.set_xticks(range(1, n_layers + 1))
+    left.set_title("Token depth")
+    left.legend(fontsize=8)
+
+    thresholds = [r["threshold"] for r in results]
+    right.plot(thresholds, [r["perplexity"] for r in results], "o-", color="tab:red", label="perplexity")
+    right.set_xlabel("threshold")
+    right.set_ylabel("perplexity", color="tab:red")
+    depth_ax = right.twinx()
+    depth_ax.plot(thresholds, [r["layers_executed"] for r in results], "s-", color="tab:blue",
+                  label="layers executed (per batch)")
+    depth_ax.plot(thresholds, [r["mean_token_depth"] for r in results], "^--", color="tab:cyan",
+                  label="mean token depth")
+    depth_ax.set_ylim(0, n_layers + 0.5)
+    depth_ax.set_ylabel("layers", color="tab:blue")
+    depth_ax.legend(loc="upper left", fontsize=8)
+    right.set_title("Perplexity and depth against threshold")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""Built-in run configs (``ponder train --preset NAME``), one TOML file each."""

@@ -1,0 +1,237 @@
+"""The trainer: plugins from the config, controllers at their events, metrics, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ponder import checkpoint, registry
+from ponder.config import RunConfig, check_config, parse_config
+from ponder.data import Corpus, TokenChunks, epoch_order, prepare_data, tokenizer_from_json
+from ponder.errors import CheckpointError, ConfigError
+from ponder.evaluate import evaluate
+from ponder.model import PonderLM
+
+EVENTS = ("after_backward", "after_step", "after_eval")
+
+
+@dataclass
+class TrainingEvent:
+    """What a controller sees at an event. It turns dials through ``dials`` only."""
+
+    name: str
+    step: int  # optimizer steps completed (after_backward: the step about to be taken)
+    loss: float
+    model: PonderLM
+    optimizer: torch.optim.Optimizer
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dials(self):
+        return self.model.dials
+
+
+def build_model(run: RunConfig, vocab_size: int) -> PonderLM:
+    cfg = dataclasses.replace(run.model, vocab_size=vocab_size)
+    return PonderLM(cfg, norm=run.norm, halting=run.halting)
+
+
+def build_optimizer(run: RunConfig, model: PonderLM) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return registry.create("optimizer", run.optimizer.name, params, **run.optimizer.params)
+
+
+class Trainer:
+    """Trains one run into ``out_dir``; ``resume=True`` continues from its latest checkpoint exactly."""
+
+    def __init__(self, run: RunConfig | None, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+                 steps: int | None = None, log: Callable[[str], None] = print) -> None:
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.log = log
+        state: dict[str, Any] | None = None
+        if resume:
+            ckpt = checkpoint.resolve(self.out_dir)
+            saved = checkpoint.read_config(ckpt)
+            saved_run = parse_config(saved["run"])
+            if run is not None and run.to_json() != saved_run.to_json():
+                diff = sorted(k for k, v in run.to_json().items() if saved_run.to_json()[k] != v and k != "train")
+                if diff:
+                    raise ConfigError(f"--resume with a config that differs from the run's in {', '.join(diff)}; "
+                                      "resume with the run's own config (omit --config)")
+            run = saved_run if run is None else dataclasses.replace(saved_run, train=run.train)
+            tokenizer = tokenizer_from_json(saved["tokenizer"])
+            state = checkpoint.read_trainer_state(ckpt)
+            model_state = checkpoint.read_tensors(ckpt / checkpoint.MODEL)
+        else:
+            if run is None:
+                raise ConfigError("no run config given")
+            if (self.out_dir / "latest").exists():
+                raise ConfigError(f"{str(self.out_dir)!r} already holds a run; pass --resume to continue it, "
+                                  "or choose another output folder")
+            tokenizer = None
+        if steps is not None:
+            run = dataclasses.replace(run, train=dataclasses.replace(run.train, steps=steps))
+        check_config(run)
+        self.run = run
+        self.corpus: Corpus = prepare_data(run.data, tokenizer)
+        t = run.train
+        self.train_chunks = TokenChunks(self.corpus.splits["train"], t.seq_len)
+        self.valid_chunks = TokenChunks(self.corpus.splits["valid"], t.seq_len)
+        self.steps_per_epoch = len(self.train_chunks) // t.batch_size
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"the training split has {len(self.train_chunks)} sequences of {t.seq_len} tokens, "
+                              f"fewer than one batch of {t.batch_size}")
+        torch.manual_seed(t.seed)
+        self.model = build_model(run, self.corpus.tokenizer.vocab_size)
+        self.optimizer = build_optimizer(run, self.model)
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.controllers = [registry.create("controller", c.name, **c.params) for c in run.controllers]
+        self.step = 0
+        if state is not None:
+            self._restore(model_state, state)
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def _restore(self, model_state: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.model.dials.load_state_dict(state["dials"])
+            if len(state["controllers"]) != len(self.controllers):
+                raise CheckpointError("the checkpoint's controllers do not match the run config")
+            for ctrl, ctrl_state in zip(self.controllers, state["controllers"], strict=True):
+                ctrl.load_state_dict(ctrl_state)
+            torch.set_rng_state(state["rng"]["torch"])
+            self.step = int(state["step"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint does not fit this model: {exc}") from None
+        self._trim_metrics()
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "dials": self.model.dials.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "controllers": [c.state_dict() for c in self.controllers],
+            "rng": {"torch": torch.get_rng_state()},
+        }
+
+    def save(self) -> Path:
+        config = {"run": self.run.to_json(), "tokenizer": self.corpus.tokenizer.to_json(),
+                  "vocab_size": self.corpus.tokenizer.vocab_size}
+        return checkpoint.save_checkpoint(self.out_dir, self.step, config=config, model_state=self.model.state_dict(),
+                                          trainer_state=self._trainer_state(), keep=self.run.train.keep_checkpoints)
+
+    # -- metrics ---------------------------------------------------------------------------------------
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def _trim_metrics(self) -> None:
+        """On resume, drop records past the checkpoint so the log reads as one run."""
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+
+    def _record(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- the loop ---------------------------------------------------------------------------------------
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.run.train
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if getattr(self, "_order_epoch", None) != epoch:
+            self._order, self._order_epoch = epoch_order(len(self.train_chunks), t.seed, epoch), epoch
+        return self.train_chunks.batch(self._order[i * t.batch_size: (i + 1) * t.batch_size])
+
+    def _event(self, name: str, loss: float, metrics: dict[str, Any] | None = None) -> None:
+        event = TrainingEvent(name, self.step, loss, self.model, self.optimizer, metrics or {})
+        for ctrl in self.controllers:
+            handler = getattr(ctrl, name, None)
+            if handler is not None:
+                handler(event)
+
+    def validate(self) -> dict[str, Any]:
+        t = self.run.train
+        return evaluate(self.model, self.valid_chunks, batch_size=t.batch_size, max_batches=t.eval_batches)
+
+    def train(self) -> dict[str, Any]:
+        """Run to ``train.steps``; returns the final validation metrics."""
+        from tqdm import tqdm
+
+        t = self.run.train
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.model.train()
+        window: dict[str, float] = {"loss": 0.0, "ce": 0.0, "layers": 0.0, "depth": 0.0, "n": 0.0}
+        tokens_per_step = t.batch_size * t.seq_len
+        started = time.perf_counter()
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        final: dict[str, Any] = {}
+        try:
+            while self.step < t.steps:
+                if self.step < t.warmup_steps:
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = group["initial_lr"] * (self.step + 1) / t.warmup_steps
+                x, y = self._batch(self.step)
+                out = self.model(x, y)
+                out.loss.backward()
+                loss = out.loss.detach().item()
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {self.step}; lower the learning rate")
+                self._event("after_backward", loss)
+                if t.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self._event("after_step", loss)
+                for key, value in (("loss", loss), ("ce", out.ce.detach().item()), ("layers", out.layers_executed),
+                                   ("depth", float(out.depth.mean())), ("n", 1)):
+                    window[key] += value
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    elapsed = time.perf_counter() - started
+                    n = window["n"]
+                    record = {"step": self.step, "split": "train", "loss": window["loss"] / n,
+                              "perplexity": math.exp(min(window["ce"] / n, 50.0)),
+                              "layers_executed": window["layers"] / n, "mean_token_depth": window["depth"] / n,
+                              "lr": self.optimizer.param_groups[0]["lr"],
+                              "tokens_per_s": n * tokens_per_step / max(elapsed, 1e-9),
+                              "dials": self.model.dials.snapshot()}
+                    self._record(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['perplexity']:.2f}",
+                                    layers=f"{record['layers_executed']:.2f}", refresh=False)
+                    window = dict.fromkeys(window, 0.0)
+                    started = time.perf_counter()
+                if self.step % t.eval_every == 0 or self.step == t.steps:
+                    final = {"step": self.step, "split": "valid", **self.validate()}
+                    self._record(final)
+                    self._event("after_eval", final["loss"], final)
+                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                    self.save()
+        finally:
+            bar.close()
+        if not final:  # resumed at the last step: nothing left to train
+            final = {"step": self.step, "split": "valid", **self.validate()}
+        return final
+
+
+def train(run: RunConfig | None, out_dir: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """Train (or, with ``resume=True``, continue) a run; returns the final validation metrics."""
+    return Trainer(run, out_dir, **kwargs).train()
