@@ -20,8 +20,17 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+# The main job as it stands: the plugin catalogue, then the demo model trained on the embedded
+# corpus (reused if runs/demo already holds it; `make demo FRESH=1` retrains) and evaluated per threshold.
 demo: install
 	$(BIN)/ponder plugins list
+	@if [ -n "$(FRESH)" ]; then rm -rf runs/demo; fi
+	@if [ -f runs/demo/latest ]; then echo "reusing runs/demo (make demo FRESH=1 retrains)"; \
+	else $(BIN)/ponder train --preset demo --out runs/demo; fi
+	$(BIN)/ponder eval runs/demo --threshold 0.5 0.8 0.9 0.95 0.99 1.0
+
+bench: install
+	$(BIN)/python benchmarks/bench_train_eval.py
 
 lint: install
 	$(BIN)/ruff check .

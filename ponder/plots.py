@@ -42,7 +42,8 @@ def plot_eval(results: list[dict[str, Any]], path: str | Path, title: str = "") 
                   label="mean token depth")
     depth_ax.set_ylim(0, n_layers + 0.5)
     depth_ax.set_ylabel("layers", color="tab:blue")
-    depth_ax.legend(loc="upper left", fontsize=8)
+    handles = right.get_legend_handles_labels()[0] + depth_ax.get_legend_handles_labels()[0]
+    depth_ax.legend(handles=handles, loc="center left", fontsize=8)
     right.set_title("Perplexity and depth against threshold")
     if title:
         fig.suptitle(title)

@@ -142,9 +142,14 @@ class Trainer:
         """On resume, drop records past the checkpoint so the log reads as one run."""
         if not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
-        self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= self.step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def _record(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:

@@ -61,9 +61,12 @@ def register_optimizers(register: Register) -> None:
 def register_controllers(register: Register) -> None:
     """Register training-time controllers.
 
-    Factory: ``factory(**settings) -> controller``; the trainer calls the controller at
-    its events (after backward, after the optimizer step, after an evaluation) and the
-    controller turns the model's dials. It has ``state_dict()``/``load_state_dict()``.
+    Factory: ``factory(**settings) -> controller``. The trainer calls whichever of the
+    controller's methods ``after_backward(event)``, ``after_step(event)`` and
+    ``after_eval(event)`` exist, in the order the config lists the controllers; ``event``
+    (``ponder.train.TrainingEvent``) carries the step, the loss, the model, its ``dials`` and
+    the optimizer. A controller turns dials through ``event.dials`` and has
+    ``state_dict()``/``load_state_dict()`` so that a resumed run continues with its state.
     """
 
 

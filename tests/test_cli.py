@@ -94,7 +94,8 @@ def test_switches(plugin_dists):
     blocked = names("-p", "no:ponder.norm")
     assert "layernorm" not in blocked and "adamw" in blocked
     # the switch works after the subcommand too, and both places add up
-    proc = run_ponder("-p", "no:ponder.norm", "plugins", "list", "--json", "-p", "no:ponder.optim", paths=paths)
+    proc = run_ponder("-p", "no:ponder.norm", "-p", "no:ponder.halt", "plugins", "list", "--json",
+                      "-p", "no:ponder.optim", paths=paths)
     assert {p["name"] for p in json.loads(proc.stdout)["plugins"]} == {"ScaleNorm"}
 
 

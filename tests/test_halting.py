@@ -48,11 +48,11 @@ def test_act_halts_at_threshold_with_remainder():
     st, w, s = run(r, threshold=0.7, n_layers=3)
     assert w == pytest.approx([0.3, 0.7, 0.0])  # halts after layer 2, taking the remainder 1 - 0.3
     assert float(st.depth) == 2 and bool(st.halted)
-    assert float(st.aux) == pytest.approx(0.7)  # R
-    assert float(r.ponder_cost(st)) == pytest.approx(2.7)  # N + R
+    assert st.aux.item() == pytest.approx(0.7)  # R
+    assert r.ponder_cost(st).item() == pytest.approx(2.7)  # N + R
     assert torch.allclose(st.output, 0.3 * s[0] + 0.7 * s[1])
     assert torch.equal(st.hidden, st.output)  # frozen: layer 3's state did not reach it
-    assert float(st.cum) == pytest.approx(1.0)
+    assert st.cum.item() == pytest.approx(1.0)
 
 
 def test_act_runs_to_the_last_layer_when_the_sum_stays_below_threshold():
@@ -60,7 +60,7 @@ def test_act_runs_to_the_last_layer_when_the_sum_stays_below_threshold():
     st, w, s = run(r, threshold=0.99, n_layers=3)
     assert w == pytest.approx([0.3, 0.5, 0.2])
     assert sum(w) == pytest.approx(1.0)
-    assert float(st.depth) == 3 and float(st.aux) == pytest.approx(0.2)
+    assert float(st.depth) == 3 and st.aux.item() == pytest.approx(0.2)
     assert torch.allclose(st.output, 0.3 * s[0] + 0.5 * s[1] + 0.2 * s[2])
 
 
@@ -77,7 +77,7 @@ def test_act_ponder_cost_has_a_gradient_through_the_remainder():
     st, _, _ = run(r, threshold=0.7, n_layers=3)
     r.loss(st).backward()
     assert r.bias.grad[0] < 0  # raising the first probability shrinks R, the cost falls
-    assert float(r.loss(st)) == pytest.approx(0.5 * 2.7)
+    assert r.loss(st).item() == pytest.approx(0.5 * 2.7)
 
 
 def test_act_bias_starts_negative_and_is_configurable():
@@ -92,8 +92,8 @@ def test_pondernet_geometric_weights_and_deterministic_threshold():
     assert torch.allclose(st.output, s[2])  # the state at the halting layer, not a mixture
     prior = torch.tensor([0.5, 0.25, 0.125]) / 0.875
     kl = sum(p * math.log(p / float(q)) for p, q in zip([0.5, 0.25, 0.25], prior, strict=True))
-    assert float(st.aux) == pytest.approx(kl, rel=1e-5)
-    assert float(r.loss(st)) == pytest.approx(kl, rel=1e-5)
+    assert st.aux.item() == pytest.approx(kl, rel=1e-5)
+    assert r.loss(st).item() == pytest.approx(kl, rel=1e-5)
 
     st, w, s = run(r, threshold=0.7, n_layers=3)
     assert w == pytest.approx([0.5, 0.5, 0.0])  # 0.5 + 0.25 >= 0.7: halt at 2 with the remainder
@@ -105,7 +105,7 @@ def test_fixed_runs_every_layer_and_costs_nothing():
     st, w, s = run(r, threshold=0.1, n_layers=3)
     assert w == [0.0, 0.0, 1.0] and float(st.depth) == 3
     assert torch.equal(st.output, s[2])
-    assert float(r.loss(st)) == 0.0
+    assert r.loss(st).item() == 0.0
     assert list(r.parameters()) == []
 
 

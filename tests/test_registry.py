@@ -36,6 +36,8 @@ def _inputs(kind: str) -> tuple:
         return (16,)
     if kind == "optimizer":
         return ([torch.nn.Parameter(torch.randn(4, 3))],)
+    if kind == "halting":
+        return (16, 3)  # d_model, n_layers
     raise AssertionError(f"no test inputs for plugin kind {kind!r}: add them here")
 
 
@@ -52,6 +54,15 @@ def _exercise(kind: str, obj, inputs: tuple) -> None:
         obj.step()
         assert not torch.equal(before, param.detach())
         assert obj.state_dict()["param_groups"]
+    elif kind == "halting":
+        s = torch.randn(2, 5, 16)
+        state = obj.init_state(s)
+        total = torch.zeros(2, 5)
+        for layer in range(3):
+            state = obj.step(state, s * (layer + 1), layer, 0.9)
+            total += state.weight.detach()
+        assert bool(state.halted.all()) and torch.allclose(total, torch.ones(2, 5))
+        assert obj.loss(state).shape == ()
 
 
 @pytest.mark.parametrize("info", BUILTINS.list_plugins(), ids=lambda i: f"{i.kind}-{i.name}")
@@ -68,7 +79,7 @@ def test_every_registered_plugin_can_be_described_and_created(info):
 def test_builtins_cover_the_first_norms_and_optimizers():
     names = {(i.kind, i.name) for i in BUILTINS.list_plugins()}
     assert {("norm", "layernorm"), ("norm", "rmsnorm"), ("optimizer", "sgd"), ("optimizer", "adam"),
-            ("optimizer", "adamw")} <= names
+            ("optimizer", "adamw"), ("halting", "act"), ("halting", "pondernet"), ("halting", "fixed")} <= names
     assert all(i.distribution == "ponder" for i in BUILTINS.list_plugins())
 
 
@@ -155,7 +166,7 @@ def test_missing_inputs_are_an_error():
 
 def test_blocking_a_builtin_plugin_removes_what_it_provides():
     reg = Registry(autoload=False, blocked=["ponder.optim"])
-    assert {i.kind for i in reg.list_plugins()} == {"norm"}
+    assert {i.kind for i in reg.list_plugins()} == {"norm", "halting"}
     with pytest.raises(UnknownPluginError, match=r"blocked or not allowed\): ponder.optim"):
         reg.get("optimizer", "adam")
 
