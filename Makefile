@@ -27,7 +27,7 @@ demo: install
 	@if [ -n "$(FRESH)" ]; then rm -rf runs/demo; fi
 	@if [ -f runs/demo/latest ]; then echo "reusing runs/demo (make demo FRESH=1 retrains)"; \
 	else $(BIN)/ponder train --preset demo --out runs/demo; fi
-	$(BIN)/ponder eval runs/demo --threshold 0.5 0.8 0.9 0.95 0.99 1.0
+	$(BIN)/ponder eval runs/demo --batch-size 1 --threshold 0.5 0.8 0.9 0.95 0.99 1.0
 
 bench: install
 	$(BIN)/python benchmarks/bench_train_eval.py

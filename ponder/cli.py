@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threshold", "-t", type=float, nargs="+", help="thresholds in (0, 1] (default: the trained one)")
     ev.add_argument("--split", choices=["valid", "test"], default="valid", help="which split (default: valid)")
     ev.add_argument("--batches", type=int, help="evaluate only the first N batches")
+    ev.add_argument("--batch-size", type=int, help="sequences per batch (default: the training batch size); "
+                                                   "layers executed is per batch, so 1 shows it per sequence")
     ev.add_argument("--output-dir", help="where eval.json and eval.png go (default: the run folder)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _plugin_switches(ev, "sub_plugin_switches")
@@ -117,10 +119,13 @@ def _eval(args: argparse.Namespace) -> int:
     from ponder.evaluate import evaluate_checkpoint
     from ponder.plots import plot_eval
 
-    if args.batches is not None and args.batches < 1:
-        raise _usage_error(f"--batches must be >= 1, got {args.batches}")
+    for flag in ("batches", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise _usage_error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     ckpt = resolve(args.checkpoint)
-    results = evaluate_checkpoint(args.checkpoint, args.threshold, split=args.split, max_batches=args.batches)
+    results = evaluate_checkpoint(args.checkpoint, args.threshold, split=args.split, max_batches=args.batches,
+                                  batch_size=args.batch_size)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
     out_dir = Path(args.output_dir) if args.output_dir else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +135,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    print(f"batches of {results[0]['batch_size']} sequences; layers executed = the deepest token's depth per batch")
     print(f"{'threshold':>9}  {'perplexity':>10}  {'layers executed':>15}  {'mean token depth':>16}  of")
     for r in results:
         print(f"{r['threshold']:>9g}  {r['perplexity']:>10.3f}  {r['layers_executed']:>15.2f}  "

@@ -49,18 +49,21 @@ def evaluate(model: PonderLM, chunks: TokenChunks, *, batch_size: int, max_batch
         "n_layers": n_layers,
         "depth_histogram": hist.tolist(),
         "batches": n_batches,
+        "batch_size": batch_size,
         "tokens": tokens,
     }
 
 
 def evaluate_checkpoint(path: str, thresholds: list[float] | None = None, *, split: str = "valid",
-                        max_batches: int | None = None) -> list[dict[str, Any]]:
-    """Evaluate a checkpoint at each threshold (default: the trained one) on a split of its own data."""
+                        max_batches: int | None = None, batch_size: int | None = None) -> list[dict[str, Any]]:
+    """Evaluate a checkpoint at each threshold (default: the trained one) on a split of its own data,
+    in batches of ``batch_size`` sequences (default: the training batch size)."""
     from ponder.checkpoint import load_model
 
     model, tokenizer, run = load_model(path)
     for t in thresholds or []:
         model.dials["act_threshold"].check(t)
     chunks = TokenChunks(prepare_data(run.data, tokenizer).splits[split], run.train.seq_len)
-    return [evaluate(model, chunks, batch_size=run.train.batch_size, max_batches=max_batches, threshold=t)
+    batch_size = batch_size or run.train.batch_size
+    return [evaluate(model, chunks, batch_size=batch_size, max_batches=max_batches, threshold=t)
             for t in (thresholds or [None])]

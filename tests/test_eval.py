@@ -33,22 +33,24 @@ def test_eval_per_threshold_counts_layers(trained):
 
 def test_eval_cli_table_json_and_png(trained, tmp_path):
     proc = run_ponder("eval", str(trained), "-t", "0.5", "1.0", "--output-dir", str(tmp_path))
-    lines = proc.stdout.splitlines()
+    lines = proc.stdout.splitlines()[1:]
     assert lines[0].split() == ["threshold", "perplexity", "layers", "executed", "mean", "token", "depth", "of"]
     assert lines[2].split()[0] == "1" and lines[2].split()[2:4] == ["3.00", "3.00"]
     report = json.loads((tmp_path / "eval.json").read_text())
     assert [r["threshold"] for r in report["results"]] == [0.5, 1.0]
     png = (tmp_path / "eval.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    data = json.loads(run_ponder("eval", str(trained), "--json", "--batches", "1",
+    data = json.loads(run_ponder("eval", str(trained), "--json", "--batches", "3", "--batch-size", "1",
                                  "--output-dir", str(tmp_path)).stdout)
-    assert data["results"][0]["threshold"] == 0.9 and data["results"][0]["batches"] == 1
+    assert data["results"][0]["threshold"] == 0.9 and data["results"][0]["batches"] == 3
+    assert data["results"][0]["tokens"] == 3 * 32
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (("-t", "1.5"), "act_threshold = 1.5 is outside (0, 1]"),
     (("-t", "0"), "act_threshold = 0.0 is outside (0, 1]"),
     (("--batches", "0"), "--batches must be >= 1"),
+    (("--batch-size", "-2"), "--batch-size must be >= 1, got -2"),
 ])
 def test_eval_bad_input_is_one_line(trained, args, message):
     proc = run_ponder("eval", str(trained), *args, check=False)
