@@ -160,8 +160,8 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     return from_tree(tree, read_tensors(ckpt / STATE_TENSORS))
 
 
-def load_model(path: str | Path) -> tuple[Any, Any, Any]:
-    """``(model, tokenizer, run_config)`` from a checkpoint or run folder, in eval mode."""
+def load_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any, Any]:
+    """``(model, tokenizer, run_config)`` from a checkpoint or run folder, in eval mode on ``device``."""
     from ponder.config import parse_config
     from ponder.data import tokenizer_from_json
     from ponder.errors import ConfigError
@@ -182,4 +182,4 @@ def load_model(path: str | Path) -> tuple[Any, Any, Any]:
             model.dials.load_state_dict(state["dials"])
     except (RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{str(ckpt)!r}: the weights do not fit the model its config describes: {exc}") from None
-    return model.eval(), tokenizer, run
+    return model.to(device).eval(), tokenizer, run

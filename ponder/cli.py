@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(default: runs/<preset or config name>)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     tr.add_argument("--steps", type=int, help="train to this many steps (overrides train.steps)")
+    tr.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides train.device)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     _plugin_switches(tr, "sub_plugin_switches")
     tr.set_defaults(handler=_train)
@@ -103,8 +104,9 @@ def _train(args: argparse.Namespace) -> int:
     run = None
     if args.config or args.preset or not args.resume:
         run = load_config(args.config, preset=args.preset)
-    trainer = Trainer(run, args.out, resume=args.resume, steps=args.steps, progress=not args.no_progress)
-    print(f"training {trainer.model.num_parameters():,} parameters into {args.out} "
+    trainer = Trainer(run, args.out, resume=args.resume, steps=args.steps, device=args.device,
+                      progress=not args.no_progress)
+    print(f"training {trainer.model.num_parameters():,} parameters on {trainer.device} into {args.out} "
           f"(from step {trainer.step} to {trainer.run.train.steps})", file=sys.stderr)
     final = trainer.train()
     print(f"step {final['step']}: valid loss {final['loss']:.4f}, perplexity {final['perplexity']:.2f}, "

@@ -21,6 +21,7 @@ name = "..."
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -136,6 +137,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     seed: int = 0
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N
 
     def check(self, model: ModelConfig) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every",
@@ -146,6 +148,8 @@ class TrainConfig:
             raise ConfigError(f"train.seq_len ({self.seq_len}) exceeds model.max_seq_len ({model.max_seq_len})")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ConfigError("train.warmup_steps and train.grad_clip must be >= 0")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"train.device = {self.device!r}; valid: auto, cpu, cuda, cuda:N")
 
 
 @dataclass

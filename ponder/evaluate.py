@@ -29,15 +29,16 @@ def evaluate(model: PonderLM, chunks: TokenChunks, *, batch_size: int, max_batch
     ce_sum = depth_sum = 0.0
     tokens = layers_sum = 0
     hist = torch.zeros(n_layers, dtype=torch.long)
+    device = next(model.parameters()).device
     for b in range(n_batches):
         idx = torch.arange(b * batch_size, min((b + 1) * batch_size, len(chunks)))
         x, y = chunks.batch(idx)
-        out = model(x, y, threshold=threshold)
+        out = model(x.to(device), y.to(device), threshold=threshold)
         ce_sum += out.ce.item() * y.numel()
         tokens += y.numel()
         layers_sum += out.layers_executed
         depth_sum += float(out.depth.sum())
-        hist += torch.bincount(out.depth.long().flatten() - 1, minlength=n_layers)
+        hist += torch.bincount(out.depth.long().flatten() - 1, minlength=n_layers).cpu()
     model.train(was_training)
     loss = ce_sum / tokens
     return {

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,16 @@ class TrainingEvent:
         return self.model.dials
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when a GPU is visible, else the CPU; asking for a missing GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {name!r} but no CUDA GPU is visible; use 'cpu' or 'auto'")
+    return device
+
+
 def build_model(run: RunConfig, vocab_size: int) -> PonderLM:
     cfg = dataclasses.replace(run.model, vocab_size=vocab_size)
     return PonderLM(cfg, norm=run.norm, halting=run.halting)
@@ -53,10 +62,9 @@ class Trainer:
     """Trains one run into ``out_dir``; ``resume=True`` continues from its latest checkpoint exactly."""
 
     def __init__(self, run: RunConfig | None, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-                 steps: int | None = None, log: Callable[[str], None] = print) -> None:
+                 steps: int | None = None, device: str | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.progress = progress
-        self.log = log
         state: dict[str, Any] | None = None
         if resume:
             ckpt = checkpoint.resolve(self.out_dir)
@@ -80,6 +88,8 @@ class Trainer:
             tokenizer = None
         if steps is not None:
             run = dataclasses.replace(run, train=dataclasses.replace(run.train, steps=steps))
+        if device is not None:
+            run = dataclasses.replace(run, train=dataclasses.replace(run.train, device=device))
         check_config(run)
         self.run = run
         self.corpus: Corpus = prepare_data(run.data, tokenizer)
@@ -90,8 +100,9 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ConfigError(f"the training split has {len(self.train_chunks)} sequences of {t.seq_len} tokens, "
                               f"fewer than one batch of {t.batch_size}")
+        self.device = resolve_device(t.device)
         torch.manual_seed(t.seed)
-        self.model = build_model(run, self.corpus.tokenizer.vocab_size)
+        self.model = build_model(run, self.corpus.tokenizer.vocab_size).to(self.device)
         self.optimizer = build_optimizer(run, self.model)
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
@@ -112,6 +123,8 @@ class Trainer:
             for ctrl, ctrl_state in zip(self.controllers, state["controllers"], strict=True):
                 ctrl.load_state_dict(ctrl_state)
             torch.set_rng_state(state["rng"]["torch"])
+            if self.device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
             self.step = int(state["step"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"checkpoint does not fit this model: {exc}") from None
@@ -123,7 +136,8 @@ class Trainer:
             "dials": self.model.dials.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "controllers": [c.state_dict() for c in self.controllers],
-            "rng": {"torch": torch.get_rng_state()},
+            "rng": {"torch": torch.get_rng_state(),
+                    **({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})},
         }
 
     def save(self) -> Path:
@@ -162,7 +176,8 @@ class Trainer:
         epoch, i = divmod(step, self.steps_per_epoch)
         if getattr(self, "_order_epoch", None) != epoch:
             self._order, self._order_epoch = epoch_order(len(self.train_chunks), t.seed, epoch), epoch
-        return self.train_chunks.batch(self._order[i * t.batch_size: (i + 1) * t.batch_size])
+        x, y = self.train_chunks.batch(self._order[i * t.batch_size: (i + 1) * t.batch_size])
+        return x.to(self.device), y.to(self.device)
 
     def _event(self, name: str, loss: float, metrics: dict[str, Any] | None = None) -> None:
         event = TrainingEvent(name, self.step, loss, self.model, self.optimizer, metrics or {})
