@@ -165,6 +165,18 @@ class Trainer:
                 continue
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
+    def _plugin_metrics(self) -> dict[str, Any]:
+        """What plugins report of themselves: ``optimizer.metrics()`` and each norm's ``metrics()``
+        (e.g. DAG's shrink and alphas, DyT's alpha), when they define it."""
+        out: dict[str, Any] = {}
+        if callable(getattr(self.optimizer, "metrics", None)):
+            out["optimizer"] = self.optimizer.metrics()
+        norms = {name: m.metrics() for name, m in self.model.named_modules()
+                 if name and callable(getattr(m, "metrics", None))}
+        if norms:
+            out["norms"] = norms
+        return out
+
     def _record(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -233,7 +245,7 @@ class Trainer:
                               "layers_executed": window["layers"] / n, "mean_token_depth": window["depth"] / n,
                               "lr": self.optimizer.param_groups[0]["lr"],
                               "tokens_per_s": n * tokens_per_step / max(elapsed, 1e-9),
-                              "dials": self.model.dials.snapshot()}
+                              "dials": self.model.dials.snapshot(), **self._plugin_metrics()}
                     self._record(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['perplexity']:.2f}",
                                     layers=f"{record['layers_executed']:.2f}", refresh=False)
