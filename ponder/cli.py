@@ -85,7 +85,48 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _plugin_switches(ev, "sub_plugin_switches")
     ev.set_defaults(handler=_eval)
+
+    an = commands.add_parser("analyze", help="analysis plots: norm S-curves, DyT alphas over training",
+                             description="Analysis plots of norm layers (seed 001).")
+    an_commands = an.add_subparsers(dest="analyze_command", metavar="SUBCOMMAND")
+    norms = an_commands.add_parser("norms", help="input against output of every norm layer (S-curves)",
+                                   description="Hook every norm layer of a checkpoint, run one validation batch, "
+                                               "and plot output (affine removed) against input, with a fitted "
+                                               "tanh per layer: norm_curves.png and norm_curves.json.")
+    norms.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    norms.add_argument("--output-dir", help="where the files go (default: the run folder)")
+    norms.set_defaults(handler=_analyze_norms)
+    alphas = an_commands.add_parser("alphas", help="DyT/ADyT alphas over a training run",
+                                    description="Plot the alpha of every DyT/ADyT layer over a run, from its "
+                                                "metrics.jsonl: alphas.png and alphas.json.")
+    alphas.add_argument("run_dir", help="a training run folder")
+    alphas.add_argument("--output-dir", help="where the files go (default: the run folder)")
+    alphas.set_defaults(handler=_analyze_alphas)
+    an.set_defaults(handler=lambda args: _usage(an))
     return parser
+
+
+def _analyze_norms(args: argparse.Namespace) -> int:
+    from ponder.analyze import analyze_checkpoint_norms
+
+    report, out = analyze_checkpoint_norms(args.checkpoint, args.output_dir)
+    print(f"{'layer':<24} {'tanh alpha':>10} {'R2 tanh':>8} {'R2 line':>8}")
+    for layer in report["layers"]:
+        print(f"{layer['layer']:<24} {layer['alpha']:>10.3g} {layer['r2_tanh']:>8.3f} {layer['r2_linear']:>8.3f}")
+    print(f"wrote {out / 'norm_curves.png'} and {out / 'norm_curves.json'}", file=sys.stderr)
+    return 0
+
+
+def _analyze_alphas(args: argparse.Namespace) -> int:
+    from ponder.analyze import analyze_alphas
+
+    report, out = analyze_alphas(args.run_dir, args.output_dir)
+    print(f"{'layer':<24} {'first':>8} {'last':>8} {'min':>8} {'max':>8}")
+    for layer in report["layers"]:
+        print(f"{layer['layer']:<24} {layer['first']:>8.4f} {layer['last']:>8.4f} {layer['min']:>8.4f} "
+              f"{layer['max']:>8.4f}")
+    print(f"wrote {out / 'alphas.png'} and {out / 'alphas.json'}", file=sys.stderr)
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -106,6 +147,8 @@ def _train(args: argparse.Namespace) -> int:
         run = load_config(args.config, preset=args.preset)
     trainer = Trainer(run, args.out, resume=args.resume, steps=args.steps, device=args.device,
                       progress=not args.no_progress)
+    for note in trainer.notes:
+        print(f"ponder: note: {note}", file=sys.stderr)
     print(f"training {trainer.model.num_parameters():,} parameters on {trainer.device} into {args.out} "
           f"(from step {trainer.step} to {trainer.run.train.steps})", file=sys.stderr)
     final = trainer.train()

@@ -48,6 +48,54 @@ def plot_eval(results: list[dict[str, Any]], path: str | Path, title: str = "") 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_norm_curves(io: dict[str, Any], fits: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """One small panel per norm layer: output (affine removed) against input, with the fitted tanh."""
+    import math
+
+    import torch
+
+    plt = _pyplot()
+    n = len(io)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, ((name, (x, y)), fit) in zip(axes.flat, zip(io.items(), fits, strict=True), strict=False):
+        ax.scatter(x.numpy(), y.numpy(), s=1, alpha=0.3, color="tab:blue", rasterized=True)
+        grid = torch.linspace(float(x.min()), float(x.max()), 200)
+        ax.plot(grid.numpy(), (fit["scale"] * torch.tanh(fit["alpha"] * grid)).numpy(), color="tab:red", lw=1.2)
+        ax.set_title(f"{name or 'model'}\nα={fit['alpha']:.3g}  R² tanh {fit['r2_tanh']:.3f} / line "
+                     f"{fit['r2_linear']:.3f}", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.supxlabel("input")
+    fig.supylabel("output (affine removed)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_alphas(series: dict[str, list[tuple[int, float]]], path: str | Path, title: str = "") -> Path:
+    """Alpha of every DyT/ADyT layer against the training step."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, points in series.items():
+        ax.plot([s for s, _ in points], [a for _, a in points], label=name, lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("alpha")
+    if len(series) <= 20:
+        ax.legend(fontsize=6, ncol=2)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _save(fig: Any, plt: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -107,9 +107,20 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.controllers = [registry.create("controller", c.name, **c.params) for c in run.controllers]
+        self.notes: list[str] = []
+        if self._needs_adyt_controller():
+            self.controllers.append(registry.create("controller", "adyt"))
+            self.notes.append("the model has ADyT layers: added the 'adyt' controller (gradient-norm update after "
+                              "backward)")
         self.step = 0
         if state is not None:
             self._restore(model_state, state)
+
+    def _needs_adyt_controller(self) -> bool:
+        from ponder.plugins.norm.dyt import AdaptiveDynamicTanh
+
+        listed = any(registry.normalize_name(c.name) == "adyt" for c in self.run.controllers)
+        return not listed and any(isinstance(m, AdaptiveDynamicTanh) for m in self.model.modules())
 
     # -- state ---------------------------------------------------------------------------------------
 

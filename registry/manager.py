@@ -46,6 +46,7 @@ ENV_ALLOW = "PONDER_PLUGINS"
 BUILTIN_PLUGINS: dict[str, str] = {
     "ponder.norm": "ponder.plugins.norm",
     "ponder.optim": "ponder.plugins.optim",
+    "ponder.control": "ponder.plugins.control",
     "ponder.halt": "ponder.plugins.halt",
 }
 

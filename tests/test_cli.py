@@ -44,7 +44,7 @@ def test_list_table_and_json_agree():
     adamw = next(p for p in data["plugins"] if p["name"] == "adamw")
     assert adamw == {"kind": "optimizer", "name": "adamw", "description": "Adam with decoupled weight decay (torch)",
                      "plugin": "ponder.optim", "distribution": "ponder", "version": __version__}
-    assert [p["name"] for p in listing("--kind", "norm")["plugins"]] == ["layernorm", "rmsnorm"]
+    assert [p["name"] for p in listing("--kind", "norm")["plugins"]] == ["adyt", "dyt", "layernorm", "rmsnorm"]
 
 
 def test_show_prints_parameters_with_defaults():
@@ -95,8 +95,8 @@ def test_switches(plugin_dists):
     blocked = names("-p", "no:ponder.norm")
     assert "layernorm" not in blocked and "adamw" in blocked
     # the switch works after the subcommand too, and both places add up
-    proc = run_ponder("-p", "no:ponder.norm", "-p", "no:ponder.halt", "plugins", "list", "--json",
-                      "-p", "no:ponder.optim", paths=paths)
+    proc = run_ponder("-p", "no:ponder.norm", "-p", "no:ponder.halt", "-p", "no:ponder.control", "plugins", "list",
+                      "--json", "-p", "no:ponder.optim", paths=paths)
     assert {p["name"] for p in json.loads(proc.stdout)["plugins"]} == {"ScaleNorm"}
 
 
@@ -104,7 +104,7 @@ def test_errors_are_one_line_without_traceback():
     proc = run_ponder("plugins", "show", "norm", "layrnorm", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("ponder: error: unknown norm 'layrnorm'; did you mean 'layernorm'? "
-                                   "Known norm plugins: layernorm, rmsnorm")
+                                   "Known norm plugins: adyt, dyt, layernorm, rmsnorm")
     proc = run_ponder("plugins", "list", "--kind", "gizmo", check=False)
     assert proc.returncode == 2 and "unknown plugin kind 'gizmo'" in proc.stderr
 

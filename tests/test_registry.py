@@ -38,6 +38,8 @@ def _inputs(kind: str) -> tuple:
         return ([torch.nn.Parameter(torch.randn(4, 3))],)
     if kind == "halting":
         return (16, 3)  # d_model, n_layers
+    if kind == "controller":
+        return ()
     raise AssertionError(f"no test inputs for plugin kind {kind!r}: add them here")
 
 
@@ -63,6 +65,9 @@ def _exercise(kind: str, obj, inputs: tuple) -> None:
             total += state.weight.detach()
         assert bool(state.halted.all()) and torch.allclose(total, torch.ones(2, 5))
         assert obj.loss(state).shape == ()
+    elif kind == "controller":
+        assert any(callable(getattr(obj, e, None)) for e in ("after_backward", "after_step", "after_eval"))
+        obj.load_state_dict(obj.state_dict())
 
 
 @pytest.mark.parametrize("info", BUILTINS.list_plugins(), ids=lambda i: f"{i.kind}-{i.name}")
@@ -105,7 +110,7 @@ def test_dyt_spellings_are_one_name():
 
 
 def test_kind_aliases_and_unknown_kind():
-    assert [i.name for i in BUILTINS.list_plugins("norms")] == ["layernorm", "rmsnorm"]
+    assert [i.name for i in BUILTINS.list_plugins("norms")] == ["adyt", "dyt", "layernorm", "rmsnorm"]
     with pytest.raises(UnknownKindError, match=r"unknown plugin kind 'normz'; valid kinds: norm, optimizer"):
         BUILTINS.list_plugins("normz")
 
@@ -121,7 +126,7 @@ def test_unknown_name_lists_known_names_and_closest_match():
     msg = str(err.value)
     assert "unknown norm 'layrnorm'" in msg
     assert "did you mean 'layernorm'?" in msg
-    assert "layernorm, rmsnorm" in msg
+    assert "adyt, dyt, layernorm, rmsnorm" in msg
 
 
 def test_unknown_parameter_names_it_and_lists_valid_ones():
@@ -166,7 +171,7 @@ def test_missing_inputs_are_an_error():
 
 def test_blocking_a_builtin_plugin_removes_what_it_provides():
     reg = Registry(autoload=False, blocked=["ponder.optim"])
-    assert {i.kind for i in reg.list_plugins()} == {"norm", "halting"}
+    assert {i.kind for i in reg.list_plugins()} == {"norm", "halting", "controller"}
     with pytest.raises(UnknownPluginError, match=r"blocked or not allowed\): ponder.optim"):
         reg.get("optimizer", "adam")
 

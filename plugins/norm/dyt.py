@@ -1,0 +1,214 @@
+"""DyT and ADyT: normalisation replaced by a scaled tanh (maths in ALGORITHMS.md).
+
+``DynamicTanh``: ``y = weight * tanh(alpha * x) + bias`` with one learnable ``alpha``.
+
+``AdaptiveDynamicTanh`` (seed 000): ``alpha(t) = clip(alpha0 * (1 + lambda / (eps + G_t)), alpha_min,
+alpha_max)`` where ``G_t`` is an EMA of the L2 norm of the layer's own gradients, updated by
+``update_adyt_grad_norms(model)`` after ``backward()`` and before ``optimizer.step()``.
+
+Where we differ from the public reference, on purpose: ``G`` is a buffer in the state dict, and
+eval and ONNX export use the same ``alpha(t)`` computed from the frozen ``G``. The reference uses
+``alpha0`` alone at eval time, so its model computes something different in eval from what it
+trained with.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+# A model that ran this many training forwards without a gradient-norm update is warned about.
+_UNUPDATED_FORWARDS_WARNING = 50
+
+
+def _size(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+
+
+class DynamicTanh(nn.Module):
+    """``weight * tanh(alpha * x) + bias``: a normalisation layer without statistics.
+
+    Args:
+        normalized_shape: size of the channel dimension.
+        channels_last: True: channels are the last dimension; False: channels-first features (NCHW, NCL).
+        alpha_init_value: initial value of the learnable scalar alpha.
+        bias: learn a per-channel shift (the LLaMA variant drops it).
+    """
+
+    def __init__(self, normalized_shape: int | Sequence[int], channels_last: bool = True,
+                 alpha_init_value: float = 0.5, bias: bool = True) -> None:
+        super().__init__()
+        self.normalized_shape = _size(normalized_shape)
+        self.channels_last = channels_last
+        self.alpha_init_value = alpha_init_value
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha_init_value)))
+        self.weight = nn.Parameter(torch.ones(self.normalized_shape))
+        self.bias = nn.Parameter(torch.zeros(self.normalized_shape)) if bias else None
+
+    def current_alpha(self) -> Tensor:
+        return self.alpha
+
+    def _affine(self, y: Tensor) -> Tensor:
+        weight, bias = self.weight, self.bias
+        if not self.channels_last:  # broadcast [C] over [N, C, *spatial]
+            shape = (-1,) + (1,) * (y.dim() - 2)
+            weight = weight.view(shape)
+            bias = bias.view(shape) if bias is not None else None
+        y = y * weight
+        return y + bias if bias is not None else y
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._affine(torch.tanh(self.current_alpha() * x))
+
+    def metrics(self) -> dict[str, float]:
+        """What the trainer logs for this layer."""
+        return {"alpha": float(self.alpha.detach())}
+
+    def extra_repr(self) -> str:
+        return (f"normalized_shape={self.normalized_shape}, alpha_init_value={self.alpha_init_value}, "
+                f"channels_last={self.channels_last}")
+
+
+class AdaptiveDynamicTanh(DynamicTanh):
+    """DyT whose alpha adapts to the layer's smoothed gradient norm (seed 000).
+
+    Args:
+        normalized_shape: size of the channel dimension.
+        channels_last: True: channels are the last dimension; False: channels-first features (NCHW, NCL).
+        alpha_init_value: initial value of the learnable alpha0.
+        lambda_factor: strength of the adjustment (lambda).
+        smooth_factor: EMA factor of the gradient norm (beta).
+        eps: keeps 1 / (eps + G) finite.
+        alpha_min: lower clip of the adapted alpha.
+        alpha_max: upper clip of the adapted alpha.
+        bias: learn a per-channel shift.
+    """
+
+    def __init__(self, normalized_shape: int | Sequence[int], channels_last: bool = True,
+                 alpha_init_value: float = 0.5, lambda_factor: float = 0.1, smooth_factor: float = 0.99,
+                 eps: float = 1e-6, alpha_min: float = 0.1, alpha_max: float = 2.0, bias: bool = True) -> None:
+        if not 0.0 <= smooth_factor < 1.0:
+            raise ValueError(f"smooth_factor must be in [0, 1), got {smooth_factor}")
+        if not 0.0 < alpha_min <= alpha_max:
+            raise ValueError(f"need 0 < alpha_min <= alpha_max, got alpha_min={alpha_min}, alpha_max={alpha_max}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        super().__init__(normalized_shape, channels_last, alpha_init_value, bias)
+        self.lambda_factor, self.smooth_factor, self.eps = lambda_factor, smooth_factor, eps
+        self.alpha_min, self.alpha_max = alpha_min, alpha_max
+        self.register_buffer("grad_norm", torch.ones(()))  # G_t, starts at 1.0
+        self._unupdated_forwards = 0
+
+    def compute_alpha(self) -> Tensor:
+        """``clip(alpha0 * (1 + lambda / (eps + G)), alpha_min, alpha_max)``."""
+        alpha = self.alpha * (1.0 + self.lambda_factor / (self.eps + self.grad_norm))
+        return alpha.clamp(self.alpha_min, self.alpha_max)
+
+    current_alpha = compute_alpha
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and torch.is_grad_enabled():
+            self._unupdated_forwards += 1
+            if self._unupdated_forwards == _UNUPDATED_FORWARDS_WARNING:
+                warnings.warn(
+                    f"AdaptiveDynamicTanh ran {_UNUPDATED_FORWARDS_WARNING} training steps without a gradient-norm "
+                    "update, so its alpha does not adapt: call update_adyt_grad_norms(model) after backward() and "
+                    "before optimizer.step() (ponder's trainer does it through the 'adyt' controller)",
+                    RuntimeWarning, stacklevel=2)
+        return super().forward(x)
+
+    @torch.no_grad()
+    def update_grad_norm(self, grad_norm: Tensor | None = None) -> None:
+        """``G = beta * G + (1 - beta) * g``, with ``g`` the L2 norm of this layer's gradients
+        (or ``grad_norm`` when the caller computed it). No host synchronisation."""
+        if grad_norm is None:
+            grads = [p.grad for p in self.parameters(recurse=False) if p.grad is not None]
+            if not grads:
+                return
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        self.grad_norm.mul_(self.smooth_factor).add_(grad_norm.to(self.grad_norm), alpha=1.0 - self.smooth_factor)
+        self._unupdated_forwards = 0
+
+    def metrics(self) -> dict[str, float]:
+        return {"alpha": float(self.compute_alpha().detach()), "alpha0": float(self.alpha.detach()),
+                "grad_norm": float(self.grad_norm)}
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", lambda_factor={self.lambda_factor}, smooth_factor={self.smooth_factor}, "
+                f"alpha_range=({self.alpha_min}, {self.alpha_max})")
+
+
+@torch.no_grad()
+def update_adyt_grad_norms(model: nn.Module) -> int:
+    """Update every ``AdaptiveDynamicTanh`` in ``model`` from its gradients, all layers in one pass
+    (one ``_foreach_norm`` over every gradient, no host sync). Call after ``loss.backward()`` and
+    before ``optimizer.step()``. Returns how many layers were updated."""
+    layers = [m for m in model.modules() if isinstance(m, AdaptiveDynamicTanh)]
+    grads: list[Tensor] = []
+    owner: list[int] = []
+    for i, layer in enumerate(layers):
+        for p in layer.parameters(recurse=False):
+            if p.grad is not None:
+                grads.append(p.grad)
+                owner.append(i)
+    if not grads:
+        return 0
+    squares = torch.stack(torch._foreach_norm(grads)).float() ** 2
+    index = torch.tensor(owner, device=squares.device)
+    norms = torch.zeros(len(layers), device=squares.device).index_add_(0, index, squares).sqrt()
+    updated = sorted(set(owner))
+    for i in updated:
+        layers[i].update_grad_norm(norms[i])
+    return len(updated)
+
+
+def dyt(num_features: int, position: str = "attn", alpha_init_value: float = 0.5, bias: bool = True) -> nn.Module:
+    """DynamicTanh: ``weight * tanh(alpha * x) + bias``, no statistics.
+
+    Args:
+        num_features: size of the channel dimension (supplied by ponder).
+        position: where the norm sits: attn, ffn, final, or conv for channels-first features.
+        alpha_init_value: initial alpha; per position via [norm.positions.attn] etc. (DyT paper: e.g. 0.8/0.2/0.2).
+        bias: learn a per-channel shift (the LLaMA variant drops it).
+    """
+    return DynamicTanh(num_features, channels_last=position != "conv", alpha_init_value=alpha_init_value, bias=bias)
+
+
+def adyt(num_features: int, position: str = "attn", alpha_init_value: float = 0.5, lambda_factor: float = 0.1,
+         smooth_factor: float = 0.99, eps: float = 1e-6, alpha_min: float = 0.1, alpha_max: float = 2.0,
+         bias: bool = True) -> nn.Module:
+    """Adaptive DyT: alpha follows the layer's smoothed gradient norm (seed 000).
+
+    Args:
+        num_features: size of the channel dimension (supplied by ponder).
+        position: where the norm sits: attn, ffn, final, or conv for channels-first features.
+        alpha_init_value: initial alpha0.
+        lambda_factor: strength of the adjustment (lambda).
+        smooth_factor: EMA factor of the gradient norm (beta).
+        eps: keeps 1 / (eps + G) finite.
+        alpha_min: lower clip of the adapted alpha.
+        alpha_max: upper clip of the adapted alpha.
+        bias: learn a per-channel shift.
+    """
+    return AdaptiveDynamicTanh(num_features, position != "conv", alpha_init_value, lambda_factor, smooth_factor, eps,
+                               alpha_min, alpha_max, bias)
+
+
+def convert_ln_to_dyt(module: nn.Module, alpha_init_value: float = 0.5) -> nn.Module:
+    """Replace every LayerNorm in ``module`` with DynamicTanh; returns the module (the seed's helper)."""
+    from ponder.conversion import convert_module
+
+    return convert_module(module, to="dyt", source=("layernorm",), alpha_init_value=alpha_init_value)
+
+
+def convert_ln_to_adyt(module: nn.Module, lambda_factor: float = 0.1, smooth_factor: float = 0.99,
+                       alpha_min: float = 0.1, alpha_max: float = 2.0, alpha_init_value: float = 0.5) -> nn.Module:
+    """Replace every LayerNorm in ``module`` with AdaptiveDynamicTanh; returns the module (seed 000's helper)."""
+    from ponder.conversion import convert_module
+
+    return convert_module(module, to="adyt", source=("layernorm",), lambda_factor=lambda_factor,
+                          smooth_factor=smooth_factor, alpha_min=alpha_min, alpha_max=alpha_max,
+                          alpha_init_value=alpha_init_value)

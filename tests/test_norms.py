@@ -1,0 +1,248 @@
+"""DyT and ADyT (seeds 000, 001): forward maths, the alpha rule, conversion, training, analysis."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from helpers import run_ponder, write_tiny_config
+from ponder.plugins.norm import AdaptiveDynamicTanh, DynamicTanh, update_adyt_grad_norms
+from torch import nn
+
+import ponder
+from ponder import registry
+from ponder.config import load_config
+from ponder.train import Trainer
+
+
+def test_dyt_forward_channels_last_by_hand():
+    m = DynamicTanh(2, alpha_init_value=0.5)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([2.0, 3.0]))
+        m.bias.copy_(torch.tensor([0.1, -0.1]))
+    y = m(torch.tensor([[1.0, -2.0]]))
+    assert torch.allclose(y, torch.tensor([[2 * math.tanh(0.5) + 0.1, 3 * math.tanh(-1.0) - 0.1]]))
+
+
+def test_dyt_forward_channels_first_by_hand():
+    m = DynamicTanh(2, channels_last=False, alpha_init_value=1.0, bias=False)
+    assert m.bias is None
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([2.0, -1.0]))
+    x = torch.tensor([0.5, 1.5]).view(1, 2, 1, 1).expand(1, 2, 2, 3)  # NCHW, channel c everywhere = x[c]
+    y = m(x)
+    assert y.shape == (1, 2, 2, 3)
+    assert torch.allclose(y[0, 0], torch.full((2, 3), 2 * math.tanh(0.5)))
+    assert torch.allclose(y[0, 1], torch.full((2, 3), -math.tanh(1.5)))
+
+
+def test_adyt_forward_uses_the_adapted_alpha_in_both_layouts():
+    for channels_last, x in ((True, torch.tensor([[0.3, -0.7]])), (False, torch.tensor([[0.3, -0.7]]))):
+        m = AdaptiveDynamicTanh(2, channels_last=channels_last, alpha_init_value=0.5, lambda_factor=0.1)
+        alpha = 0.5 * (1 + 0.1 / (1e-6 + 1.0))  # G starts at 1.0
+        assert m.compute_alpha().item() == pytest.approx(alpha)
+        assert torch.allclose(m(x), torch.tanh(alpha * x))
+
+
+def _set_grads(m, alpha, weight, bias):
+    m.alpha.grad = torch.tensor([alpha])
+    m.weight.grad = torch.tensor(weight)
+    m.bias.grad = torch.tensor(bias)
+
+
+def test_adyt_alpha_follows_the_formula_over_several_steps():
+    m = AdaptiveDynamicTanh(2, alpha_init_value=0.5, lambda_factor=0.1, smooth_factor=0.9, eps=1e-6)
+    G = 1.0
+    for g_alpha, g_w in [(3.0, [4.0, 0.0]), (0.0, [0.6, 0.8]), (1.0, [2.0, 2.0])]:
+        _set_grads(m, g_alpha, g_w, [0.0, 0.0])
+        m.update_grad_norm()
+        g = math.sqrt(g_alpha ** 2 + sum(v * v for v in g_w))
+        G = 0.9 * G + 0.1 * g
+        assert float(m.grad_norm) == pytest.approx(G, rel=1e-6)
+        assert m.compute_alpha().item() == pytest.approx(min(max(0.5 * (1 + 0.1 / (1e-6 + G)), 0.1), 2.0))
+
+
+def test_adyt_alpha_is_clipped():
+    high = AdaptiveDynamicTanh(2, alpha_init_value=1.0, lambda_factor=10.0)
+    assert high.compute_alpha().item() == 2.0
+    low = AdaptiveDynamicTanh(2, alpha_init_value=0.01, lambda_factor=0.1)
+    assert low.compute_alpha().item() == pytest.approx(0.1)
+
+
+def test_all_layers_update_in_one_pass_like_one_by_one():
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 4), AdaptiveDynamicTanh(4), nn.Linear(4, 4), AdaptiveDynamicTanh(4),
+                             nn.Linear(4, 1))
+
+    a, b = model(), model()
+    x = torch.randn(8, 4)
+    for m in (a, b):
+        m(x).pow(2).sum().backward()
+    assert update_adyt_grad_norms(a) == 2
+    for layer in (b[1], b[3]):
+        layer.update_grad_norm()
+    assert torch.allclose(a[1].grad_norm, b[1].grad_norm) and torch.allclose(a[3].grad_norm, b[3].grad_norm)
+    assert not torch.allclose(a[1].grad_norm, torch.ones(()))
+
+
+def test_adyt_state_dict_round_trip_and_eval_uses_frozen_G():
+    m = AdaptiveDynamicTanh(3)
+    _set_grads(m, 5.0, [0.0, 0.0, 0.0], [0.0, 0.0, 0.0])
+    m.update_grad_norm()
+    state = m.state_dict()
+    assert "grad_norm" in state and float(state["grad_norm"]) == pytest.approx(0.99 + 0.05)
+    other = AdaptiveDynamicTanh(3)
+    other.load_state_dict(state)
+    other.eval()
+    x = torch.randn(2, 3)
+    assert torch.allclose(other(x), torch.tanh(m.compute_alpha() * x))
+    assert not torch.allclose(other(x), torch.tanh(0.5 * x))  # not alpha0, as the public reference does
+
+
+def test_training_adyt_without_the_update_is_warned_about():
+    m = AdaptiveDynamicTanh(4)
+    with pytest.warns(RuntimeWarning, match="without a gradient-norm update"):
+        for _ in range(60):
+            m(torch.randn(2, 4))
+    m2 = AdaptiveDynamicTanh(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(60):
+            m2(torch.randn(2, 4)).sum().backward()
+            update_adyt_grad_norms(m2)
+
+
+# -- conversion --------------------------------------------------------------------------------------
+
+class SmallResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                   nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 8, 16), nn.BatchNorm1d(16), nn.Linear(16, 10))
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(torch.relu(h + self.block(h)))
+
+
+class SmallViT(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 4, stride=4)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, 2, 32, dropout=0.0, batch_first=True, norm_first=True) for _ in range(2))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(self.norm(h).mean(1))
+
+
+@pytest.mark.parametrize(("to", "params"), [("dyt", {"alpha_init_value": 1.0}), ("adyt", {}), ("rmsnorm", {})])
+def test_convert_small_resnet_batchnorm(to, params):
+    model = SmallResNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = model(x).shape
+    assert ponder.convert(model, to=to, source="batchnorm", **params) == 4
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert model(x).shape == before
+    model(x).sum().backward()  # trains
+
+
+def test_convert_small_vit_layernorm_and_seed_helpers():
+    model = SmallViT()
+    x = torch.randn(2, 3, 16, 16)
+    assert ponder.convert(model, to="DyT", source=("layernorm", "batchnorm")) == 5  # 2 per layer + final
+    assert sum(isinstance(m, DynamicTanh) for m in model.modules()) == 5
+    assert model(x).shape == (2, 10)
+    again = ponder.convert_ln_to_adyt(SmallViT(), lambda_factor=0.5, alpha_max=3.0)
+    layers = [m for m in again.modules() if isinstance(m, AdaptiveDynamicTanh)]
+    assert len(layers) == 5 and layers[0].lambda_factor == 0.5 and layers[0].alpha_max == 3.0
+    assert isinstance(ponder.convert_ln_to_dyt(nn.LayerNorm(4)), DynamicTanh)  # a lone norm is returned replaced
+
+
+def test_convert_errors_name_the_problem():
+    with pytest.raises(ValueError, match="unknown source 'groupnorm'; valid sources: layernorm, batchnorm, rmsnorm"):
+        ponder.convert(SmallViT(), source="groupnorm")
+    with pytest.raises(registry.PluginParameterError, match="'alpha'"):
+        ponder.convert(SmallViT(), to="dyt", alpha=1.0)
+    with pytest.raises(registry.UnknownPluginError, match="unknown norm 'dyy'"):
+        ponder.convert(SmallViT(), to="dyy")
+
+
+def test_convert_torchvision_models():
+    tv = pytest.importorskip("torchvision.models", reason="torchvision does not import beside this torch")
+    resnet = tv.resnet50(weights=None).eval()
+    assert ponder.convert(resnet, to="dyt", source="batchnorm", alpha_init_value=1.0) == 53
+    assert resnet(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    vit = tv.vit_b_16(weights=None).eval()
+    assert ponder.convert(vit, to="dyt", source="layernorm") == 25
+    assert vit(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+# -- inside the ponder model ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm", ["dyt", "adyt"])
+def test_new_norms_train_inside_the_ponder_model(tmp_path, norm):
+    extra = f'\n[norm]\nname = "{norm}"\n[norm.positions.final]\nalpha_init_value = 0.2\n'
+    cfg = write_tiny_config(tmp_path, steps=20)
+    cfg.write_text(cfg.read_text() + extra)
+    trainer = Trainer(load_config(cfg), tmp_path / "run", progress=False)
+    assert trainer.model.norm_final.alpha_init_value == 0.2
+    assert trainer.model.blocks[0].norm_attn.alpha_init_value == 0.5
+    before = trainer.validate()["loss"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # ADyT is updated without the user adding anything
+        after = trainer.train()["loss"]
+    assert after < before
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    alphas = records[-2]["norms"]["blocks.0.norm_attn"]
+    assert set(alphas) >= {"alpha"}
+    if norm == "adyt":
+        assert trainer.notes and "adyt" in trainer.notes[0]
+        assert float(trainer.model.blocks[0].norm_attn.grad_norm) != 1.0
+        assert alphas["grad_norm"] != 1.0
+
+
+def test_analyze_norms_and_alphas_cli(tmp_path):
+    cfg = write_tiny_config(tmp_path, steps=6)
+    cfg.write_text(cfg.read_text() + '\n[norm]\nname = "dyt"\n')
+    Trainer(load_config(cfg), tmp_path / "run", progress=False).train()
+    proc = run_ponder("analyze", "norms", str(tmp_path / "run"), "--output-dir", str(tmp_path / "an"))
+    report = json.loads((tmp_path / "an" / "norm_curves.json").read_text())
+    assert len(report["layers"]) == 7  # 3 layers x (attn, ffn) + final
+    first = report["layers"][0]
+    assert first["r2_tanh"] > 0.999  # a DyT layer with its affine removed is exactly tanh(alpha x)
+    assert first["alpha"] == pytest.approx(0.5, rel=0.05)
+    assert "blocks.0.norm_attn" in proc.stdout
+    assert (tmp_path / "an" / "norm_curves.png").read_bytes()[:4] == b"\x89PNG"
+    proc = run_ponder("analyze", "alphas", str(tmp_path / "run"))
+    alphas = json.loads((tmp_path / "run" / "alphas.json").read_text())
+    assert {a["layer"] for a in alphas["layers"]} >= {"blocks.0.norm_attn", "norm_final"}
+    assert alphas["layers"][0]["records"] == 3  # log_every 2, 6 steps
+    assert (tmp_path / "run" / "alphas.png").exists()
+
+
+def test_analyze_alphas_of_a_layernorm_run_is_a_clear_error(tmp_path):
+    Trainer(load_config(write_tiny_config(tmp_path, steps=2)), tmp_path / "run", progress=False).train()
+    proc = run_ponder("analyze", "alphas", str(tmp_path / "run"), check=False)
+    assert proc.returncode == 2 and "has no alpha records: the run's norm is not DyT or ADyT" in proc.stderr
+
+
+def test_analyze_norms_on_any_python_model(tmp_path):
+    from ponder.analyze import analyze_norms
+
+    model = SmallViT()
+    x = torch.randn(4, 3, 16, 16)
+    report = analyze_norms(model, lambda: model(x), tmp_path)
+    assert [layer["layer"] for layer in report["layers"]] == [
+        "layers.0.norm1", "layers.0.norm2", "layers.1.norm1", "layers.1.norm2", "norm"]
