@@ -31,6 +31,7 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_train_eval.py
+	$(BIN)/python benchmarks/bench_norms.py
 
 lint: install
 	$(BIN)/ruff check .
