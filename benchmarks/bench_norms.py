@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
                                      args.repeats)
             for n in NORMS:
                 rows.append({"norm": n, "d": d, "shape": [8, 128, d],
-                             "torch_fwd_bwd_ms": train[n] * 1e3, "torch_ratio_to_layernorm": train[n] / train["layernorm"],
-                             "onnx_infer_ms": infer[n] * 1e3, "onnx_ratio_to_layernorm": infer[n] / infer["layernorm"]})
+                             "torch_fwd_bwd_ms": train[n] * 1e3,
+                             "torch_ratio_to_layernorm": train[n] / train["layernorm"],
+                             "onnx_infer_ms": infer[n] * 1e3,
+                             "onnx_ratio_to_layernorm": infer[n] / infer["layernorm"]})
     report = {"ponder_version": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.machine(), "repeats": args.repeats, "results": rows}
     out = Path(args.out)
