@@ -137,22 +137,56 @@ def analyze_checkpoint_norms(path: str | Path, out_dir: str | Path | None = None
     return analyze_norms(model, lambda: model(x, threshold=1.0), out, title=f"{ckpt.name}: norm input vs output"), out
 
 
-def read_alphas(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """Per DyT/ADyT layer, ``[(step, alpha), ...]`` from a run's ``metrics.jsonl``."""
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl`` (a line cut short by a kill is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise PonderError(f"{str(path)!r} does not exist: give the folder of a training run")
-    series: dict[str, list[tuple[int, float]]] = {}
+    records = []
     for line in path.read_text().splitlines():
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
+    return records
+
+
+def analyze_dials(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
+    """Each dial and the loss over a run: ``dials.png`` and ``dials.json``."""
+    from ponder.plots import plot_dials
+
+    records = read_metrics(run_dir)
+    train = [r for r in records if r.get("split") == "train" and "dials" in r]
+    if not train:
+        raise PonderError(f"{str(Path(run_dir) / 'metrics.jsonl')!r} has no training records yet")
+    valid = [r for r in records if r.get("split") == "valid"]
+    names = list(train[0]["dials"])
+    series = {
+        "step": [r["step"] for r in train],
+        "loss": [r["loss"] for r in train],
+        "valid_step": [r["step"] for r in valid],
+        "valid_loss": [r["loss"] for r in valid],
+        "dials": {n: [r["dials"][n] for r in train] for n in names},
+    }
+    out = Path(out_dir) if out_dir else Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"dials": [{"dial": n, "first": v[0], "last": v[-1], "min": min(v), "max": max(v)}
+                        for n, v in series["dials"].items()]}
+    (out / "dials.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_dials({Path(run_dir).name: series}, out / "dials.png")
+    return report, out
+
+
+def read_alphas(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Per DyT/ADyT layer, ``[(step, alpha), ...]`` from a run's ``metrics.jsonl``."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for record in read_metrics(run_dir):
         for layer, values in record.get("norms", {}).items():
             if "alpha" in values:
                 series.setdefault(layer, []).append((record["step"], values["alpha"]))
     if not series:
-        raise PonderError(f"{str(path)!r} has no alpha records: the run's norm is not DyT or ADyT")
+        raise PonderError(f"{str(Path(run_dir) / 'metrics.jsonl')!r} has no alpha records: the run's norm is not "
+                          "DyT or ADyT")
     return series
 
 

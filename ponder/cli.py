@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     alphas.add_argument("run_dir", help="a training run folder")
     alphas.add_argument("--output-dir", help="where the files go (default: the run folder)")
     alphas.set_defaults(handler=_analyze_alphas)
+    dials = an_commands.add_parser("dials", help="each dial and the loss over a training run",
+                                   description="Plot the loss and every dial (RoPE base, attention window, ACT "
+                                               "threshold) over a run, from its metrics.jsonl: dials.png and "
+                                               "dials.json.")
+    dials.add_argument("run_dir", help="a training run folder")
+    dials.add_argument("--output-dir", help="where the files go (default: the run folder)")
+    dials.set_defaults(handler=_analyze_dials)
     an.set_defaults(handler=lambda args: _usage(an))
     return parser
 
@@ -114,6 +121,17 @@ def _analyze_norms(args: argparse.Namespace) -> int:
     for layer in report["layers"]:
         print(f"{layer['layer']:<24} {layer['alpha']:>10.3g} {layer['r2_tanh']:>8.3f} {layer['r2_linear']:>8.3f}")
     print(f"wrote {out / 'norm_curves.png'} and {out / 'norm_curves.json'}", file=sys.stderr)
+    return 0
+
+
+def _analyze_dials(args: argparse.Namespace) -> int:
+    from ponder.analyze import analyze_dials
+
+    report, out = analyze_dials(args.run_dir, args.output_dir)
+    print(f"{'dial':<16} {'first':>10} {'last':>10} {'min':>10} {'max':>10}")
+    for d in report["dials"]:
+        print(f"{d['dial']:<16} {d['first']:>10.4g} {d['last']:>10.4g} {d['min']:>10.4g} {d['max']:>10.4g}")
+    print(f"wrote {out / 'dials.png'} and {out / 'dials.json'}", file=sys.stderr)
     return 0
 
 

@@ -95,6 +95,30 @@ def plot_alphas(series: dict[str, list[tuple[int, float]]], path: str | Path, ti
     return _save(fig, plt, path)
 
 
+def plot_dials(runs: dict[str, dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Loss and every dial against the step, one panel each; several runs share the panels."""
+    plt = _pyplot()
+    dial_names = list(next(iter(runs.values()))["dials"])
+    fig, axes = plt.subplots(1 + len(dial_names), 1, figsize=(8, 2.4 * (1 + len(dial_names))), sharex=True)
+    for k, (label, s) in enumerate(runs.items()):
+        color = f"C{k}"
+        axes[0].plot(s["step"], s["loss"], color=color, lw=1, alpha=0.8, label=f"{label}: train")
+        if s.get("valid_step"):
+            axes[0].plot(s["valid_step"], s["valid_loss"], "o--", color=color, ms=3, label=f"{label}: valid")
+        for ax, name in zip(axes[1:], dial_names, strict=True):
+            ax.plot(s["step"], s["dials"][name], color=color, lw=1.2, label=label)
+            ax.set_ylabel(name)
+    axes[0].set_ylabel("loss")
+    axes[0].legend(fontsize=7)
+    axes[-1].set_xlabel("step")
+    if len(runs) > 1:
+        axes[1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
 def _save(fig: Any, plt: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

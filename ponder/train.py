@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,19 +21,25 @@ from ponder.errors import CheckpointError, ConfigError
 from ponder.evaluate import evaluate
 from ponder.model import PonderLM
 
-EVENTS = ("after_backward", "after_step", "after_eval")
+EVENTS = ("on_train_start", "after_backward", "after_step", "after_eval")
 
 
 @dataclass
 class TrainingEvent:
-    """What a controller sees at an event. It turns dials through ``dials`` only."""
+    """What a controller sees at an event. It turns dials through ``dials`` only.
+
+    ``step`` counts optimizer steps completed: at ``on_train_start`` and ``after_backward`` it is the
+    step about to be taken, at ``after_step`` the one just taken. ``loss`` is NaN at ``on_train_start``.
+    """
 
     name: str
-    step: int  # optimizer steps completed (after_backward: the step about to be taken)
+    step: int
     loss: float
     model: PonderLM
     optimizer: torch.optim.Optimizer
+    total_steps: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
+    log: Callable[[str], None] = print  # a line for the person watching (kept clear of the progress bar)
 
     @property
     def dials(self):
@@ -113,6 +121,7 @@ class Trainer:
             self.notes.append("the model has ADyT layers: added the 'adyt' controller (gradient-norm update after "
                               "backward)")
         self.step = 0
+        self._log: Callable[[str], None] = print
         if state is not None:
             self._restore(model_state, state)
 
@@ -203,7 +212,8 @@ class Trainer:
         return x.to(self.device), y.to(self.device)
 
     def _event(self, name: str, loss: float, metrics: dict[str, Any] | None = None) -> None:
-        event = TrainingEvent(name, self.step, loss, self.model, self.optimizer, metrics or {})
+        event = TrainingEvent(name, self.step, loss, self.model, self.optimizer, self.run.train.steps, metrics or {},
+                              self._log)
         for ctrl in self.controllers:
             handler = getattr(ctrl, name, None)
             if handler is not None:
@@ -225,10 +235,14 @@ class Trainer:
         started = time.perf_counter()
         bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
+        self._log = lambda line: tqdm.write(line, file=sys.stderr)
+        # an LR-schedule controller owns the learning rate; otherwise the trainer's linear warm-up does
+        own_warmup = not any(getattr(c, "sets_lr", False) for c in self.controllers)
+        self._event("on_train_start", math.nan)
         final: dict[str, Any] = {}
         try:
             while self.step < t.steps:
-                if self.step < t.warmup_steps:
+                if own_warmup and self.step < t.warmup_steps:
                     for group in self.optimizer.param_groups:
                         group["lr"] = group["initial_lr"] * (self.step + 1) / t.warmup_steps
                 x, y = self._batch(self.step)

@@ -62,11 +62,14 @@ def register_controllers(register: Register) -> None:
     """Register training-time controllers.
 
     Factory: ``factory(**settings) -> controller``. The trainer calls whichever of the
-    controller's methods ``after_backward(event)``, ``after_step(event)`` and
-    ``after_eval(event)`` exist, in the order the config lists the controllers; ``event``
-    (``ponder.train.TrainingEvent``) carries the step, the loss, the model, its ``dials`` and
-    the optimizer. A controller turns dials through ``event.dials`` and has
-    ``state_dict()``/``load_state_dict()`` so that a resumed run continues with its state.
+    controller's methods ``on_train_start(event)``, ``after_backward(event)`` (before the
+    optimizer step), ``after_step(event)`` and ``after_eval(event)`` exist, in the order the
+    config lists the controllers; ``event`` (``ponder.train.TrainingEvent``) carries the step,
+    the total steps, the loss, the model's ``dials``, the optimizer, and ``log(line)``. A
+    controller turns dials through ``event.dials`` (never by reaching into modules), and has
+    ``state_dict()``/``load_state_dict()`` (JSON-able values and tensors) so that a resumed run
+    continues with its state. ``sets_lr = True`` on a controller turns the trainer's own
+    learning-rate warm-up off.
     """
 
 

@@ -313,4 +313,7 @@ class Registry:
         accepted = inspect.signature(factory).parameters
         takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
         context = {k: v for k, v in context.items() if k in accepted or takes_kwargs}
-        return factory(*inputs, **context, **settings)
+        try:
+            return factory(*inputs, **context, **settings)
+        except ValueError as exc:  # a factory's own range checks: the user's mistake, named as such
+            raise PluginParameterError(f"{info.kind} {info.name!r}: {exc}") from exc
