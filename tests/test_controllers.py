@@ -116,7 +116,8 @@ def test_step_schedule():
 
 def test_controllers_listed_by_name_run_in_order_and_resume(tmp_path):
     cfg = write_tiny_config(tmp_path, steps=12)
-    cfg.write_text('controllers = [{name = "warmup-cosine", warmup_steps = 4, total_steps = 12}, "autonomic"]\n' + cfg.read_text())
+    schedule = '{name = "warmup-cosine", warmup_steps = 4, total_steps = 12}'
+    cfg.write_text(f'controllers = [{schedule}, "autonomic"]\n' + cfg.read_text())
     run = load_config(cfg)
     assert [c.name for c in run.controllers] == ["warmup-cosine", "autonomic"]
     straight = Trainer(run, tmp_path / "straight", progress=False)
