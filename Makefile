@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 # The main job as it stands: the plugin catalogue, then the demo model trained on the embedded
 # corpus (reused if runs/demo already holds it; `make demo FRESH=1` retrains) and evaluated per threshold.

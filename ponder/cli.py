@@ -110,7 +110,91 @@ def build_parser() -> argparse.ArgumentParser:
     dials.add_argument("--output-dir", help="where the files go (default: the run folder)")
     dials.set_defaults(handler=_analyze_dials)
     an.set_defaults(handler=lambda args: _usage(an))
+
+    ex = commands.add_parser("export", help="export a checkpoint to ONNX with early exit inside the graph",
+                             description="Export a checkpoint to ONNX: each layer runs only while a token is still "
+                                         "running, and the threshold is an input set per call. The graph is checked "
+                                         "against PyTorch before it is written.")
+    ex.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
+    where = ex.add_mutually_exclusive_group(required=True)
+    where.add_argument("--repository", help="model repository root: writes ROOT/NAME/VERSION/model.onnx + config.json")
+    where.add_argument("-o", "--output", help="a lone .onnx file instead of a repository")
+    ex.add_argument("--name", help="model name in the repository")
+    ex.add_argument("--version", type=int, help="version folder (default: one past the highest there)")
+    ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    ex.add_argument("--no-fold", action="store_true", help="keep DyT/ADyT affines in the graph")
+    ex.add_argument("--skip-check", action="store_true",
+                    help="write without comparing ONNX Runtime against PyTorch (not recommended)")
+    ex.set_defaults(handler=_export)
+
+    ins = commands.add_parser("inspect", help="print an exported model's metadata, inputs and outputs",
+                              description="Print the ponder metadata, inputs and outputs of an exported model.")
+    ins.add_argument("model", help="a model.onnx written by ponder export")
+    ins.add_argument("--json", action="store_true", help="print JSON")
+    ins.set_defaults(handler=_inspect)
+
+    rn = commands.add_parser("run", help="run an exported model on text with ONNX Runtime",
+                             description="Run an exported model in-process with ONNX Runtime: greedy next tokens "
+                                         "after --text, with the layers executed and the latency of each step.")
+    rn.add_argument("model", help="a model.onnx written by ponder export")
+    rn.add_argument("--text", required=True, help="the prompt")
+    rn.add_argument("--threshold", "-t", type=float, help="act_threshold in (0, 1] (default: the trained one)")
+    rn.add_argument("--tokens", type=int, default=32, help="how many tokens to generate (default: 32)")
+    rn.set_defaults(handler=_run)
     return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ponder.export import export_checkpoint
+
+    if args.repository and not args.name:
+        raise _usage_error("--repository needs --name NAME")
+    print(f"exporting {args.checkpoint} (checking against PyTorch: {not args.skip_check})...", file=sys.stderr)
+    report = export_checkpoint(args.checkpoint, args.output, repository=args.repository, name=args.name,
+                               version=args.version, opset=args.opset, check=not args.skip_check,
+                               fold=not args.no_fold)
+    if report.checks:
+        worst = max(c["max_logit_diff"] for c in report.checks)
+        layers = sorted({(c["threshold"], c["layers_executed"]) for c in report.checks})
+        print(f"checked {len(report.checks)} runs against PyTorch: max logit difference {worst:.2e}, layers "
+              f"executed per threshold {layers}")
+    print(f"wrote {report.path} (opset {report.opset}, {report.seconds:.1f} s)")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ponder.serve.engine import read_metadata
+
+    meta = read_metadata(args.model)
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    for key, value in meta.items():
+        if key in ("inputs", "outputs"):
+            continue
+        print(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    for key in ("inputs", "outputs"):
+        print(f"{key}:")
+        for name, shape in meta[key]:
+            print(f"  {name}: {shape}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ponder.serve.engine import Engine
+
+    if args.tokens < 1:
+        raise _usage_error(f"--tokens must be >= 1, got {args.tokens}")
+    engine = Engine(args.model)
+    threshold = engine.check_threshold(args.threshold)
+    out = engine.generate(args.text, args.tokens, threshold)
+    steps = out["steps"]
+    layers = [s["layers_executed"] for s in steps]
+    ms = sorted(s["compute_ms"] for s in steps)
+    print(f"{args.text}\u2192{out['text']}")
+    print(f"threshold {threshold:g}: layers executed per token {layers} (mean {sum(layers) / len(layers):.2f} of "
+          f"{engine.n_layers}); latency p50 {ms[len(ms) // 2]:.2f} ms, total {sum(ms):.1f} ms")
+    return 0
 
 
 def _analyze_norms(args: argparse.Namespace) -> int:

@@ -40,8 +40,8 @@ def attention_mask(seq_len: int, n_heads: int, n_local: int, window: int, device
     j = torch.arange(seq_len, device=device)[None, :]
     causal = j <= i
     local = causal & (i - j < window)
-    is_local = torch.arange(n_heads, device=device) >= n_heads - n_local
-    return torch.where(is_local[:, None, None], local, causal)
+    is_local = (torch.arange(n_heads, device=device) >= n_heads - n_local)[:, None, None]
+    return (is_local & local) | (~is_local & causal)  # boolean logic, not where(): ONNX Runtime has no bool Where
 
 
 class Attention(nn.Module):

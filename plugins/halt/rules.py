@@ -14,6 +14,14 @@ import torch
 from torch import Tensor, nn
 
 
+def pick(stacked: Tensor, layer: int | Tensor) -> Tensor:
+    """Row ``layer`` of a per-layer stack; by ``index_select`` when the index is a tensor (the
+    exported layer loop), which export can trace without knowing the value."""
+    if isinstance(layer, Tensor):
+        return torch.index_select(stacked, 0, layer.reshape(1)).squeeze(0)
+    return stacked[layer]
+
+
 class HaltState(NamedTuple):
     """What the layer loop carries per token (shapes ``[B, T]`` unless noted)."""
 
@@ -47,7 +55,7 @@ class HaltingRule(nn.Module):
 
     def probability(self, s: Tensor, layer: int | Tensor) -> Tensor:
         """The halting unit after ``layer``: ``sigmoid(w . s + b)`` per token."""
-        return torch.sigmoid(s @ self.weight[layer] + self.bias[layer])
+        return torch.sigmoid(s @ pick(self.weight, layer) + pick(self.bias, layer))
 
     def mass(self, s: Tensor, layer: int | Tensor, cum: Tensor) -> Tensor:
         """Halting weight this layer would take if the token does not halt here."""
@@ -63,8 +71,9 @@ class HaltingRule(nn.Module):
         running = ~state.halted
         remaining = 1.0 - state.cum
         mass = self.mass(s, layer, state.cum)
-        threshold = torch.as_tensor(threshold, dtype=s.dtype, device=s.device)
-        last = torch.as_tensor(layer, device=s.device) >= self.n_layers - 1
+        if isinstance(threshold, Tensor):
+            threshold = threshold.to(s.dtype)
+        last = layer >= self.n_layers - 1  # a bool, or a bool tensor when the layer index is one
         early = (state.cum + mass >= threshold) & (threshold < 1.0)
         halt_now = running & (early | last)
         p = torch.where(halt_now, remaining, torch.minimum(mass, remaining)) * running
@@ -146,7 +155,7 @@ class PonderNet(HaltingRule):
         return self.probability(s, layer) * (1.0 - cum)
 
     def aux_term(self, p: Tensor, halt_now: Tensor, remaining: Tensor, layer: int | Tensor) -> Tensor:
-        return p * (torch.log(p.clamp_min(1e-12)) - self.log_prior[layer])  # this layer's share of the KL
+        return p * (torch.log(p.clamp_min(1e-12)) - pick(self.log_prior, layer))  # this layer's share of the KL
 
     def loss(self, state: HaltState) -> Tensor:
         return self.beta * state.aux.mean()

@@ -1,0 +1,197 @@
+"""ONNX export: early exit inside the graph, parity with PyTorch, folding, metadata, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import run_ponder, write_tiny_config
+from torch import nn
+
+from ponder import export, registry
+from ponder.config import ModelConfig, PluginSpec, load_config
+from ponder.export import EarlyExitGraph, ExportError, export_model, fold_norms
+from ponder.model import PonderLM
+from ponder.registry import Registry, hookimpl
+from ponder.serve.engine import Engine, read_metadata
+from ponder.train import Trainer
+
+BUILTINS = Registry(autoload=False)
+NORMS = [i.name for i in BUILTINS.list_plugins("norm")]
+HALTING = [i.name for i in BUILTINS.list_plugins("halting")]
+
+
+def tiny(norm: str, halting: str, seed: int = 0) -> PonderLM:
+    """A small model with its parameters spread out, so tokens halt at different depths and folding matters."""
+    torch.manual_seed(seed)
+    params = {} if halting == "fixed" else {"bias_init": 2.0}  # most tokens halt after layer 1 at low thresholds
+    model = PonderLM(ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, n_local_heads=1, d_ff=64,
+                                 max_seq_len=32, attn_window=6.0, act_threshold=0.9),
+                     norm=PluginSpec(norm), halting=PluginSpec(halting, params))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+        if halting != "fixed":
+            model.halting.weight.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def samples():
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 40, shape, generator=gen) for shape in ((2, 24), (1, 13), (5, 7))]
+
+
+@pytest.mark.parametrize("halting", HALTING)
+@pytest.mark.parametrize("norm", NORMS)
+def test_parity_for_every_norm_and_halting_plugin(tmp_path, norm, halting):
+    model = tiny(norm, halting)
+    report = export_model(model, tmp_path / "m.onnx", samples=samples())
+    assert len(report.checks) == 3 * 4  # three shapes (dynamic batch and length) x four thresholds
+    assert all(c["max_logit_diff"] <= 1e-4 and c["depth_equal"] for c in report.checks)
+    assert all(c["layers_executed"] == c["torch_layers_executed"] for c in report.checks)
+    full = [c for c in report.checks if c["threshold"] == 1.0]
+    assert all(c["layers_executed"] == 2 for c in full)
+    if halting != "fixed":  # the graph really exits early somewhere
+        assert min(c["layers_executed"] for c in report.checks) < 2
+    onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)
+
+
+def test_threshold_is_an_optional_input_defaulting_to_the_trained_value(tmp_path):
+    model = tiny("layernorm", "act")
+    export_model(model, tmp_path / "m.onnx", samples=samples())
+    engine = Engine(tmp_path / "m.onnx")
+    ids = samples()[0].numpy()
+    default = engine.session.run(None, {"input_ids": ids})
+    explicit = engine.infer(ids, 0.9)
+    assert int(default[1]) == explicit.layers_executed and np.array_equal(default[2], explicit.token_depth)
+    low = engine.infer(ids, 0.05)
+    assert low.layers_executed <= explicit.layers_executed and low.mean_token_depth < explicit.mean_token_depth
+    assert engine.infer(ids, 1.0).layers_executed == 2
+
+
+@pytest.mark.parametrize("norm", ["dyt", "adyt"])
+def test_dyt_affine_is_folded_into_the_next_linear(norm):
+    model = tiny(norm, "act")
+    folded = fold_norms(model)
+    assert type(folded.blocks[0].norm_attn).__name__ == "ScaledTanh"
+    assert type(folded.norm_final).__name__ == "ScaledTanh"
+    assert folded.blocks[0].attn.qkv.bias is not None  # the norm's shift moved here
+    ids = samples()[0]
+    with torch.no_grad():
+        a = model(ids, threshold=0.9)
+        b = EarlyExitGraph(model)(ids, torch.tensor(0.9))
+    assert torch.allclose(a.logits, b[0], atol=1e-5)
+    assert a.layers_executed == int(b[1])
+
+
+def test_a_mismatch_refuses_to_write(tmp_path, monkeypatch):
+    monkeypatch.setattr(export, "LOGITS_TOLERANCE", -1.0)
+    with pytest.raises(ExportError, match="disagrees with PyTorch"):
+        export_model(tiny("rmsnorm", "act"), tmp_path / "m.onnx", samples=samples()[:1])
+    assert os.listdir(tmp_path) == []  # nothing written, no temporary left behind
+
+
+class DataDependentNorm(nn.Module):
+    """A norm whose Python control flow depends on the data: it cannot be exported."""
+
+    def __init__(self, num_features, position="attn"):
+        super().__init__()
+        self.inner = nn.LayerNorm(num_features)
+
+    def forward(self, x):
+        if float(x.abs().max()) > 1e9:
+            return x
+        return self.inner(x)
+
+
+def test_a_plugin_that_cannot_export_is_named(tmp_path):
+    plugin = types.SimpleNamespace(register_norms=hookimpl(lambda register: register("bad_norm", DataDependentNorm)))
+    registry.register_plugin(plugin, "test-bad-norm")
+    try:
+        torch.manual_seed(0)
+        model = PonderLM(ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, n_local_heads=1, d_ff=64,
+                                     max_seq_len=32, attn_window=8.0), norm=PluginSpec("bad_norm"))
+        with pytest.raises(ExportError, match="could not export the model \\(norm 'bad_norm', halting 'act'\\)"):
+            export_model(model, tmp_path / "m.onnx")
+        assert os.listdir(tmp_path) == []
+    finally:
+        registry.configure()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    Trainer(load_config(write_tiny_config(folder, steps=6)), folder / "run", progress=False).train()
+    return folder / "run"
+
+
+def test_cli_export_repository_inspect_and_run(trained, tmp_path):
+    repo = tmp_path / "models"
+    proc = run_ponder("export", str(trained), "--repository", str(repo), "--name", "tiny")
+    assert "checked 8 runs against PyTorch" in proc.stdout
+    assert sorted(p.name for p in (repo / "tiny" / "1").iterdir()) == ["config.json", "model.onnx"]
+    config = json.loads((repo / "tiny" / "1" / "config.json").read_text())
+    assert config["tokenizer"] == {"kind": "byte"} and config["defaults"]["act_threshold"] == 0.9
+    run_ponder("export", str(trained), "--repository", str(repo), "--name", "tiny", "--skip-check")
+    assert (repo / "tiny" / "2" / "model.onnx").is_file()  # the next version
+    meta = read_metadata(repo / "tiny" / "1" / "model.onnx")
+    assert meta["n_layers"] == 3 and meta["halting"]["name"] == "act" and meta["ponder_version"]
+    assert meta["tokenizer"] == {"kind": "byte", "vocab_size": 256}
+    shown = run_ponder("inspect", str(repo / "tiny" / "1" / "model.onnx")).stdout
+    assert "n_layers: 3" in shown and "act_threshold: float[]" in shown and "token_depth: int64[batch, seq]" in shown
+    out = run_ponder("run", str(repo / "tiny" / "1" / "model.onnx"), "--text", "The if statement", "--tokens", "3",
+                     "-t", "1.0").stdout
+    assert "layers executed per token [3, 3, 3]" in out and "latency p50" in out
+
+
+def test_cli_export_lone_file(trained, tmp_path):
+    run_ponder("export", str(trained), "-o", str(tmp_path / "lone.onnx"), "--skip-check")
+    assert (tmp_path / "lone.onnx").is_file() and not (tmp_path / "lone.json").exists()  # bytes need no vocabulary
+
+
+def test_cli_errors_are_one_line_and_leave_nothing(trained, tmp_path):
+    repo = tmp_path / "repo"
+    proc = run_ponder("export", str(tmp_path / "nothing"), "--repository", str(repo), "--name", "x", check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+    broken = tmp_path / "broken"
+    ckpt = next((trained / "checkpoints").iterdir())
+    import shutil
+
+    shutil.copytree(ckpt, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[:100])
+    proc = run_ponder("export", str(broken), "--repository", str(repo), "--name", "x", check=False)
+    assert proc.returncode == 2 and "is corrupt" in proc.stderr
+
+    unknown = tmp_path / "unknown"
+    shutil.copytree(ckpt, unknown)
+    config = json.loads((unknown / "config.json").read_text())
+    config["run"]["norm"] = {"name": "fancynorm"}
+    (unknown / "config.json").write_text(json.dumps(config))
+    proc = run_ponder("export", str(unknown), "--repository", str(repo), "--name", "x", check=False)
+    assert proc.returncode == 2 and "unknown norm 'fancynorm'" in proc.stderr
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        proc = run_ponder("export", str(trained), "-o", str(locked / "m.onnx"), check=False)
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        assert proc.returncode == 2 and "is not writable" in proc.stderr
+    finally:
+        locked.chmod(0o700)
+    assert not (repo / "x").exists() or not any((repo / "x").iterdir())
+    assert not list(locked.iterdir())
+
+    proc = run_ponder("run", str(tmp_path / "missing.onnx"), "--text", "hi", check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    proc = run_ponder("export", str(trained), "--repository", str(repo), check=False)
+    assert proc.returncode == 2 and "--repository needs --name" in proc.stderr
