@@ -32,6 +32,7 @@ demo: install
 bench: install
 	$(BIN)/python benchmarks/bench_train_eval.py
 	$(BIN)/python benchmarks/bench_norms.py
+	$(BIN)/python benchmarks/bench_export.py
 
 lint: install
 	$(BIN)/ruff check .

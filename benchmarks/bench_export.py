@@ -1,0 +1,123 @@
+"""Early exit in ONNX Runtime, measured: latency per threshold against full depth, next to the ideal.
+
+    python benchmarks/bench_export.py [--checkpoint runs/demo] [--repeats 40] [--out benchmarks/results/export.json]
+
+In one run, on the demo model (trained if missing) and real validation text: at batch 1 and 8,
+ONNX Runtime latency at each threshold divided by the same graph's latency at threshold 1.0, next
+to the ideal ratio layers_executed / n_layers; the early-exit graph against an unrolled
+fixed-depth export at full depth; and ONNX Runtime against PyTorch eager. Medians of interleaved
+repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ponder import __version__
+from ponder.checkpoint import load_model
+from ponder.config import load_config
+from ponder.data import TokenChunks, prepare_data
+from ponder.export import export_model, session
+from ponder.train import Trainer
+
+THRESHOLDS = [0.5, 0.8, 0.9, 0.95, 0.99, 1.0]
+
+
+def median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default="runs/demo")
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--out", default="benchmarks/results/export.json")
+    args = parser.parse_args(argv)
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / "latest").exists() and not (ckpt / "config.json").exists():
+        print(f"training the demo model into {ckpt}...", file=sys.stderr)
+        Trainer(load_config(preset="demo"), ckpt).train()
+    model, tokenizer, run = load_model(ckpt)
+    chunks = TokenChunks(prepare_data(run.data, tokenizer).splits["valid"], run.train.seq_len)
+    n_layers = model.cfg.n_layers
+    rows, comparisons = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        print("exporting the early-exit graph and an unrolled fixed-depth one...", file=sys.stderr)
+        export_model(model, Path(tmp) / "loop.onnx")
+        export_model(model, Path(tmp) / "unrolled.onnx", unrolled=True)
+        loop, unrolled = session(Path(tmp) / "loop.onnx"), session(Path(tmp) / "unrolled.onnx")
+        for batch in args.batch_sizes:
+            # several different inputs, each timed at every threshold, so one lucky window does not decide
+            inputs = [chunks.batch(torch.arange(k * batch, (k + 1) * batch))[0] for k in range(4)]
+            for ids in inputs:  # warm-up
+                for t in THRESHOLDS:
+                    loop.run(None, {"input_ids": ids.numpy(), "act_threshold": np.array(t, np.float32)})
+            per = {t: {"ms": [], "layers": []} for t in THRESHOLDS}
+            for ids in inputs:
+                feed = {"input_ids": ids.numpy()}
+                for t in THRESHOLDS:
+                    feed["act_threshold"] = np.array(t, np.float32)
+                    layers = int(loop.run(None, feed)[1])
+                    per[t]["ms"].append(median_ms(lambda f=dict(feed): loop.run(None, f), args.repeats))
+                    per[t]["layers"].append(layers)
+            full = statistics.mean(per[1.0]["ms"])
+            for t in THRESHOLDS:
+                ms = statistics.mean(per[t]["ms"])
+                layers = statistics.mean(per[t]["layers"])
+                ratio, ideal = ms / full, layers / n_layers
+                rows.append({"batch_size": batch, "threshold": t, "latency_ms": ms, "layers_executed": layers,
+                             "latency_ratio": ratio, "ideal_ratio": ideal, "goal": 1.1 * ideal + 0.05,
+                             "meets_goal": ratio <= 1.1 * ideal + 0.05})
+            ids = inputs[0]
+            feed = {"input_ids": ids.numpy(), "act_threshold": np.array(1.0, np.float32)}
+            loop_ms = median_ms(lambda f=feed: loop.run(None, f), args.repeats * 2)
+            unrolled_ms = median_ms(lambda f=feed: unrolled.run(None, f), args.repeats * 2)
+            with torch.no_grad():
+                eager_ms = median_ms(lambda x=ids: model(x, threshold=1.0), args.repeats * 2)
+                eager_thr = median_ms(lambda x=ids: model(x, threshold=run.model.act_threshold), args.repeats * 2)
+            feed_thr = {"input_ids": ids.numpy(), "act_threshold": np.array(run.model.act_threshold, np.float32)}
+            ort_thr = median_ms(lambda f=feed_thr: loop.run(None, f), args.repeats * 2)
+            comparisons.append({"batch_size": batch, "full_depth_loop_ms": loop_ms,
+                                "full_depth_unrolled_ms": unrolled_ms,
+                                "loop_overhead": loop_ms / unrolled_ms - 1, "eager_full_ms": eager_ms,
+                                "ort_speedup_over_eager_full": eager_ms / loop_ms,
+                                "eager_trained_threshold_ms": eager_thr, "ort_trained_threshold_ms": ort_thr,
+                                "ort_speedup_over_eager_trained_threshold": eager_thr / ort_thr})
+    report = {"ponder_version": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "machine": platform.machine(), "n_layers": n_layers, "seq_len": run.train.seq_len,
+              "thresholds": rows, "comparisons": comparisons}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'batch':>5} {'threshold':>9} {'ms':>8} {'layers':>6} {'ratio':>6} {'ideal':>6} {'goal':>6}")
+    for r in rows:
+        miss = "" if r["meets_goal"] else " MISS"
+        print(f"{r['batch_size']:>5} {r['threshold']:>9g} {r['latency_ms']:>8.2f} {r['layers_executed']:>6.2f} "
+              f"{r['latency_ratio']:>6.2f} {r['ideal_ratio']:>6.2f} {r['goal']:>6.2f}{miss}")
+    for c in comparisons:
+        print(f"batch {c['batch_size']}: full depth loop {c['full_depth_loop_ms']:.2f} ms vs unrolled "
+              f"{c['full_depth_unrolled_ms']:.2f} ms (overhead {c['loop_overhead']:+.1%}); ORT vs eager "
+              f"{c['ort_speedup_over_eager_full']:.2f}x at full depth, "
+              f"{c['ort_speedup_over_eager_trained_threshold']:.2f}x at the trained threshold")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
