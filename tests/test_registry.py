@@ -84,7 +84,8 @@ def test_every_registered_plugin_can_be_described_and_created(info):
 def test_builtins_cover_the_first_norms_and_optimizers():
     names = {(i.kind, i.name) for i in BUILTINS.list_plugins()}
     assert {("norm", "layernorm"), ("norm", "rmsnorm"), ("optimizer", "sgd"), ("optimizer", "adam"),
-            ("optimizer", "adamw"), ("halting", "act"), ("halting", "pondernet"), ("halting", "fixed")} <= names
+            ("optimizer", "adamw"), ("optimizer", "dag"), ("halting", "act"), ("halting", "pondernet"),
+            ("halting", "fixed")} <= names
     assert all(i.distribution == "ponder" for i in BUILTINS.list_plugins())
 
 
