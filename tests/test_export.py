@@ -133,26 +133,32 @@ def trained(tmp_path_factory):
 
 def test_cli_export_repository_inspect_and_run(trained, tmp_path):
     repo = tmp_path / "models"
+    (repo / "tiny" / "1").mkdir(parents=True)  # an earlier version: the export takes the next number
     proc = run_ponder("export", str(trained), "--repository", str(repo), "--name", "tiny")
     assert "checked 8 runs against PyTorch" in proc.stdout
-    assert sorted(p.name for p in (repo / "tiny" / "1").iterdir()) == ["config.json", "model.onnx"]
-    config = json.loads((repo / "tiny" / "1" / "config.json").read_text())
+    assert sorted(p.name for p in (repo / "tiny" / "2").iterdir()) == ["config.json", "model.onnx"]
+    assert [p.name for p in (repo / "tiny").iterdir() if p.name.startswith(".")] == []  # no staging left
+    config = json.loads((repo / "tiny" / "2" / "config.json").read_text())
     assert config["tokenizer"] == {"kind": "byte"} and config["defaults"]["act_threshold"] == 0.9
-    run_ponder("export", str(trained), "--repository", str(repo), "--name", "tiny", "--skip-check")
-    assert (repo / "tiny" / "2" / "model.onnx").is_file()  # the next version
-    meta = read_metadata(repo / "tiny" / "1" / "model.onnx")
+    assert config["version"] == 2 and config["n_layers"] == 3
+    meta = read_metadata(repo / "tiny" / "2" / "model.onnx")
     assert meta["n_layers"] == 3 and meta["halting"]["name"] == "act" and meta["ponder_version"]
     assert meta["tokenizer"] == {"kind": "byte", "vocab_size": 256}
-    shown = run_ponder("inspect", str(repo / "tiny" / "1" / "model.onnx")).stdout
+    shown = run_ponder("inspect", str(repo / "tiny" / "2" / "model.onnx")).stdout
     assert "n_layers: 3" in shown and "act_threshold: float[]" in shown and "token_depth: int64[batch, seq]" in shown
-    out = run_ponder("run", str(repo / "tiny" / "1" / "model.onnx"), "--text", "The if statement", "--tokens", "3",
+    out = run_ponder("run", str(repo / "tiny" / "2" / "model.onnx"), "--text", "The if statement", "--tokens", "3",
                      "-t", "1.0").stdout
     assert "layers executed per token [3, 3, 3]" in out and "latency p50" in out
+    proc = run_ponder("export", str(trained), "--repository", str(repo), "--name", "tiny", "--version", "2",
+                      check=False)
+    assert proc.returncode == 2 and "already exists: choose another --version" in proc.stderr
 
 
-def test_cli_export_lone_file(trained, tmp_path):
-    run_ponder("export", str(trained), "-o", str(tmp_path / "lone.onnx"), "--skip-check")
+def test_cli_export_lone_file_without_check(trained, tmp_path):
+    proc = run_ponder("export", str(trained), "-o", str(tmp_path / "lone.onnx"), "--skip-check")
+    assert "checked" not in proc.stdout
     assert (tmp_path / "lone.onnx").is_file() and not (tmp_path / "lone.json").exists()  # bytes need no vocabulary
+    assert Engine(tmp_path / "lone.onnx").infer(np.zeros((1, 4), dtype=np.int64), 1.0).layers_executed == 3
 
 
 def test_cli_errors_are_one_line_and_leave_nothing(trained, tmp_path):
@@ -178,20 +184,28 @@ def test_cli_errors_are_one_line_and_leave_nothing(trained, tmp_path):
     proc = run_ponder("export", str(unknown), "--repository", str(repo), "--name", "x", check=False)
     assert proc.returncode == 2 and "unknown norm 'fancynorm'" in proc.stderr
 
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        proc = run_ponder("export", str(trained), "-o", str(locked / "m.onnx"), check=False)
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who can write anywhere")
-        assert proc.returncode == 2 and "is not writable" in proc.stderr
-    finally:
-        locked.chmod(0o700)
     assert not (repo / "x").exists() or not any((repo / "x").iterdir())
-    assert not list(locked.iterdir())
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = run_ponder("export", str(trained), "-o", str(blocker / "m.onnx"), check=False)
+    assert proc.returncode == 2 and "cannot create" in proc.stderr and "Traceback" not in proc.stderr
 
     proc = run_ponder("run", str(tmp_path / "missing.onnx"), "--text", "hi", check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     proc = run_ponder("export", str(trained), "--repository", str(repo), check=False)
     assert proc.returncode == 2 and "--repository needs --name" in proc.stderr
+
+
+def test_an_unwritable_folder_is_a_one_line_error(trained, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root): permissions cannot be tested")
+        proc = run_ponder("export", str(trained), "-o", str(locked / "m.onnx"), check=False)
+        assert proc.returncode == 2 and "is not writable" in proc.stderr
+        assert not list(locked.iterdir())
+    finally:
+        locked.chmod(0o700)
