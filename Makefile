@@ -20,14 +20,19 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2
 
-# The main job as it stands: the plugin catalogue, then the demo model trained on the embedded
-# corpus (reused if runs/demo already holds it; `make demo FRESH=1` retrains) and evaluated per threshold.
+# The main job as it stands: the plugin catalogue; the demo model trained on the embedded corpus
+# (reused if runs/demo already holds it; `make demo FRESH=1` retrains) and evaluated per threshold;
+# then exported to ONNX with early exit (models/demo/1) and run with ONNX Runtime at a low and a full threshold.
 demo: install
 	$(BIN)/ponder plugins list
-	@if [ -n "$(FRESH)" ]; then rm -rf runs/demo; fi
+	@if [ -n "$(FRESH)" ]; then rm -rf runs/demo models/demo; fi
 	@if [ -f runs/demo/latest ]; then echo "reusing runs/demo (make demo FRESH=1 retrains)"; \
 	else $(BIN)/ponder train --preset demo --out runs/demo; fi
 	$(BIN)/ponder eval runs/demo --batch-size 1 --threshold 0.5 0.8 0.9 0.95 0.99 1.0
+	@if [ -f models/demo/1/model.onnx ]; then echo "reusing models/demo/1"; \
+	else $(BIN)/ponder export runs/demo --repository models --name demo --version 1; fi
+	$(BIN)/ponder run models/demo/1/model.onnx --text "The return statement" --threshold 0.5 --tokens 24
+	$(BIN)/ponder run models/demo/1/model.onnx --text "The return statement" --threshold 1.0 --tokens 24
 
 bench: install
 	$(BIN)/python benchmarks/bench_train_eval.py
