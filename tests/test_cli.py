@@ -16,7 +16,9 @@ def test_version():
     assert run_ponder("--version").stdout.strip() == f"ponder {__version__}"
 
 
-@pytest.mark.parametrize("args", [(), ("plugins",), ("plugins", "list"), ("plugins", "show"), ("train",), ("eval",)])
+@pytest.mark.parametrize("args", [(), ("plugins",), ("plugins", "list"), ("plugins", "show"), ("train",), ("eval",),
+                                  ("analyze",), ("analyze", "norms"), ("analyze", "alphas"), ("analyze", "dials"),
+                                  ("export",), ("inspect",), ("run",)])
 def test_help_on_every_command(args):
     out = run_ponder(*args, "--help").stdout
     assert out.startswith("usage: ponder")
@@ -28,7 +30,7 @@ def test_listing_and_help_do_not_import_torch():
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             "    main(['plugins', 'list'])\n"
             "    main(['plugins', 'list', '--json'])\n"
-            "    for args in (['--help'], ['train', '--help'], ['eval', '--help']):\n"
+            "    for args in (['--help'], ['train', '--help'], ['eval', '--help'], ['export', '--help']):\n"
             "        try: main(args)\n"
             "        except SystemExit: pass\n"
             "print('torch' in sys.modules)\n")
