@@ -126,14 +126,14 @@ def analyze_norms(model: nn.Module, run_batch: Any, out_dir: str | Path, title: 
 
 def analyze_checkpoint_norms(path: str | Path, out_dir: str | Path | None = None) -> tuple[dict[str, Any], Path]:
     """``analyze_norms`` on a ponder checkpoint, over one validation batch of its own data."""
-    from ponder.checkpoint import load_model, resolve
+    from ponder.checkpoint import load_model, resolve, run_folder
     from ponder.data import TokenChunks, prepare_data
 
     ckpt = resolve(path)
     model, tokenizer, run = load_model(ckpt)
     chunks = TokenChunks(prepare_data(run.data, tokenizer).splits["valid"], run.train.seq_len)
     x, _ = chunks.batch(torch.arange(min(run.train.batch_size, len(chunks))))
-    out = Path(out_dir) if out_dir else (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt)
+    out = Path(out_dir) if out_dir else run_folder(ckpt)
     return analyze_norms(model, lambda: model(x, threshold=1.0), out, title=f"{ckpt.name}: norm input vs output"), out
 
 

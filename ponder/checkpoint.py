@@ -129,6 +129,11 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"{str(p)!r} is not a ponder checkpoint or run folder (no {CONFIG}, no 'latest')")
 
 
+def run_folder(ckpt: Path) -> Path:
+    """The run folder a checkpoint belongs to (the checkpoint itself when it stands alone)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+
+
 def read_config(ckpt: Path) -> dict[str, Any]:
     try:
         data = json.loads((ckpt / CONFIG).read_text(encoding="utf-8"))
