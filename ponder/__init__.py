@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 from ponder.registry.hookspecs import hookimpl, hookspec  # noqa: E402  (cheap: pluggy only, no torch)
 
 __all__ = ["__version__", "hookimpl", "hookspec", "convert", "DynamicTanh", "AdaptiveDynamicTanh",
-           "convert_ln_to_dyt", "convert_ln_to_adyt", "update_adyt_grad_norms"]
+           "convert_ln_to_dyt", "convert_ln_to_adyt", "update_adyt_grad_norms",
+           "ACTHyperparameterTuner", "run_act_hyperparameter_tuning"]
 
 # Heavier parts load on first use, so that `import ponder` and the CLI's --help stay torch-free.
 _LAZY = {
@@ -15,6 +16,8 @@ _LAZY = {
     "convert_ln_to_dyt": "ponder.plugins.norm.dyt",
     "convert_ln_to_adyt": "ponder.plugins.norm.dyt",
     "update_adyt_grad_norms": "ponder.plugins.norm.dyt",
+    "ACTHyperparameterTuner": "ponder.tune",
+    "run_act_hyperparameter_tuning": "ponder.tune",
 }
 
 

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     _plugin_switches(tr, "sub_plugin_switches")
     tr.set_defaults(handler=_train)
 
+    _tune_parser(commands)
+
     ev = commands.add_parser("eval", help="perplexity and depth of a checkpoint per threshold",
                              description="Evaluate a checkpoint: perplexity, layers executed and mean token depth "
                                          "per threshold, as a table, JSON and a PNG.")
@@ -262,7 +264,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ponder.checkpoint import resolve
+    from ponder.checkpoint import resolve, run_folder
     from ponder.evaluate import evaluate_checkpoint
     from ponder.plots import plot_eval
 
@@ -273,8 +275,7 @@ def _eval(args: argparse.Namespace) -> int:
     ckpt = resolve(args.checkpoint)
     results = evaluate_checkpoint(args.checkpoint, args.threshold, split=args.split, max_batches=args.batches,
                                   batch_size=args.batch_size)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-    out_dir = Path(args.output_dir) if args.output_dir else run_dir
+    out_dir = Path(args.output_dir) if args.output_dir else run_folder(ckpt)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(ckpt), "split": args.split, "results": results}
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -288,6 +289,76 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"{r['threshold']:>9g}  {r['perplexity']:>10.3f}  {r['layers_executed']:>15.2f}  "
               f"{r['mean_token_depth']:>16.2f}  {r['n_layers']}")
     print(f"wrote {out_dir / 'eval.json'} and {out_dir / 'eval.png'}", file=sys.stderr)
+    return 0
+
+
+def _tune_parser(commands: Any) -> None:
+    tu = commands.add_parser("tune", help="tune ACT's threshold and lambda (Optuna grid or Pareto search)",
+                             description="Grid search over act_threshold x act_lambda (seed 004) on Optuna. "
+                                         "--mode sweep trains one model per lambda and evaluates every threshold "
+                                         "on it; --mode full trains every cell.")
+    tu.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95, 0.99])
+    tu.add_argument("--lambdas", type=float, nargs="+", default=[0.001, 0.005, 0.01, 0.05, 0.1])
+    tu.add_argument("--epochs", type=int, default=3, help="passes over the training data per model")
+    tu.add_argument("--steps", type=int, help="cap the optimizer steps of each training")
+    tu.add_argument("--batch-size", type=int, default=32)
+    tu.add_argument("--score-metric", default="balanced", help="perplexity, layers or balanced (ppl + 10 x layers)")
+    tu.add_argument("--data", help="a WikiText-2 folder or a text file (default: the embedded corpus)")
+    tu.add_argument("--output-dir", default="results/act_tuning")
+    tu.add_argument("--mode", default="sweep", help="sweep (one training per lambda) or full (one per cell)")
+    tu.add_argument("--search", default="grid", help="grid, or pareto (NSGA-II over [min, max] of the "
+                                                    "thresholds and lambdas, objectives perplexity and layers)")
+    tu.add_argument("--train-threshold", type=float, help="sweep mode: the threshold each lambda's model trains "
+                                                          "at (default: the highest of --thresholds)")
+    tu.add_argument("--trials", type=int, default=20, help="trials of --search pareto")
+    tu.add_argument("--seeds", type=int, default=1, help="repeat each configuration with seeds 0..N-1")
+    tu.add_argument("--storage", help="Optuna storage to resume from, e.g. sqlite:///tune.db")
+    tu.add_argument("--study-name", help="study name in --storage (default: ponder-act-grid or ponder-act-pareto)")
+    tu.add_argument("--seq-len", type=int, default=128)
+    tu.add_argument("--d-model", type=int, default=64)
+    tu.add_argument("--n-layers", type=int, default=4)
+    tu.add_argument("--eval-batches", type=int, help="cap the validation batches")
+    tu.add_argument("--device", default="cpu")
+    tu.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tu.set_defaults(handler=_tune)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from ponder.errors import ConfigError
+
+    for flag, choices in (("score_metric", ("perplexity", "layers", "balanced")), ("mode", ("sweep", "full")),
+                          ("search", ("grid", "pareto"))):
+        if getattr(args, flag) not in choices:
+            raise ConfigError(f"unknown --{flag.replace('_', '-')} {getattr(args, flag)!r}; "
+                              f"choose from {', '.join(choices)}")
+    for t in args.thresholds + ([args.train_threshold] if args.train_threshold is not None else []):
+        if not 0.0 < t <= 1.0:
+            raise ConfigError(f"--thresholds: {t} is outside (0, 1]")
+    for lam in args.lambdas:
+        if not lam >= 0.0:
+            raise ConfigError(f"--lambdas: {lam} is negative")
+    for flag in ("epochs", "steps", "batch_size", "trials", "seeds", "seq_len", "d_model", "n_layers",
+                 "eval_batches"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    from ponder.tune import run_act_hyperparameter_tuning
+
+    r = run_act_hyperparameter_tuning(
+        args.data, args.batch_size, args.epochs, args.output_dir, threshold_values=args.thresholds,
+        lambda_values=args.lambdas, score_metric=args.score_metric, mode=args.mode, search=args.search,
+        n_trials=args.trials, seeds=args.seeds, storage=args.storage, study_name=args.study_name,
+        d_model=args.d_model, n_layers=args.n_layers, n_seq=args.seq_len, max_steps=args.steps,
+        max_eval_batches=args.eval_batches, device=args.device, progress=not args.no_progress,
+        train_threshold=args.train_threshold)
+    print(f"{'threshold':>9}  {'lambda':>7}  {'perplexity':>10}  {'layers':>6}  {'speed-up':>8}  {'score':>9}")
+    for x in sorted(r["all_results"], key=lambda x: (x["lambda"], x["threshold"])):
+        print(f"{x['threshold']:>9g}  {x['lambda']:>7g}  {x['final_val_perplexity']:>10.3f}  "
+              f"{x['avg_layers_executed']:>6.2f}  {x['speedup_potential']:>7.2f}x  {x['score']:>9.3f}")
+    print(f"best: threshold {r['best_config']['threshold']:g}, lambda {r['best_config']['lambda']:g} "
+          f"({r['score_metric']} score {r['best_score']:.3f}); {r['n_trainings']} trainings, "
+          f"{r['resumed_trials']} trials resumed")
+    print(f"wrote {args.output_dir}/act_tuning_results.json and plots", file=sys.stderr)
     return 0
 
 
