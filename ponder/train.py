@@ -212,6 +212,7 @@ class Trainer:
         return x.to(self.device), y.to(self.device)
 
     def _event(self, name: str, loss: float, metrics: dict[str, Any] | None = None) -> None:
+        assert name in EVENTS, name
         event = TrainingEvent(name, self.step, loss, self.model, self.optimizer, self.run.train.steps, metrics or {},
                               self._log)
         for ctrl in self.controllers:
