@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ponder-installed
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench clean protos
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ demo: install
 	else $(BIN)/ponder export runs/demo --repository models --name demo --version 1; fi
 	$(BIN)/ponder run models/demo/1/model.onnx --text "The return statement" --threshold 0.5 --tokens 24
 	$(BIN)/ponder run models/demo/1/model.onnx --text "The return statement" --threshold 1.0 --tokens 24
+
+# The gRPC stubs in serve/ from protos/ (checked in; tests/test_serve_protocol.py fails when they are stale).
+protos: install
+	$(BIN)/python protos/generate.py
 
 bench: install
 	$(BIN)/python benchmarks/bench_train_eval.py

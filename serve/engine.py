@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,17 @@ class Engine:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        self.tokenizer = self._tokenizer()
+        self.vocab_size = int(self.metadata["vocab_size"])
+        spec = self.config.get("tokenizer") or self.metadata.get("tokenizer") or {"kind": "byte"}
+        self.byte_level = spec.get("kind") == "byte"
+        self._tokenizer_cache: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (built on first use: it needs torch, which serving byte-level models does not)."""
+        if self._tokenizer_cache is None:
+            self._tokenizer_cache = self._tokenizer()
+        return self._tokenizer_cache
 
     def _read_config(self) -> dict[str, Any]:
         for candidate in (self.path.parent / "config.json", self.path.with_suffix(".json")):
@@ -110,7 +121,7 @@ class Engine:
         ids = np.asarray(input_ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[0] < 1 or not 2 <= ids.shape[1] <= self.max_seq_len:
             raise PonderError(f"input_ids must be [batch >= 1, 2 <= seq <= {self.max_seq_len}], got {list(ids.shape)}")
-        vocab = int(self.metadata["vocab_size"])
+        vocab = self.vocab_size
         if ids.min() < 0 or ids.max() >= vocab:
             raise PonderError(f"input_ids must be token ids in [0, {vocab}), got values in [{ids.min()}, {ids.max()}]")
         feed = {"input_ids": ids, "act_threshold": np.array(self.check_threshold(threshold), dtype=np.float32)}
@@ -123,14 +134,25 @@ class Engine:
         ids = [int(i) for i in self.tokenizer.encode(text)]
         if not ids:
             raise PonderError("--text is empty")
-        steps = []
+        new, steps = [], []
+        for token, result in self.generate_steps(ids, tokens, threshold):
+            new.append(token)
+            steps.append({"layers_executed": result.layers_executed,
+                          "last_token_depth": int(result.token_depth[0, -1]), "compute_ms": result.compute_ms})
+        return {"text": self.tokenizer.decode(new), "token_ids": new, "steps": steps}
+
+    def generate_steps(self, ids: list[int], tokens: int, threshold: float | None = None
+                       ) -> Iterator[tuple[int, InferResult]]:
+        """Greedy decoding, one step at a time: yields (next token id, that step's result).
+
+        The context is the last ``max_seq_len`` tokens; a one-token prompt is padded by repeating it,
+        since the exported graph takes sequences of two or more."""
+        ids = list(ids)
         for _ in range(tokens):
             window = ids[-self.max_seq_len:]
             if len(window) < 2:
                 window = [window[0]] * (2 - len(window)) + window
             result = self.infer(np.array([window], dtype=np.int64), threshold)
-            ids.append(int(result.logits[0, -1].argmax()))
-            steps.append({"layers_executed": result.layers_executed,
-                          "last_token_depth": int(result.token_depth[0, -1]), "compute_ms": result.compute_ms})
-        new = ids[len(ids) - tokens:]
-        return {"text": self.tokenizer.decode(new), "token_ids": new, "steps": steps}
+            token = int(result.logits[0, -1].argmax())
+            ids.append(token)
+            yield token, result

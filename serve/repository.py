@@ -1,0 +1,152 @@
+"""A model repository laid out like Triton's: ``ROOT/NAME/VERSION/model.onnx``, every version loaded at start.
+
+Requests name models by key; nothing a request says becomes a path, so a name cannot reach outside ROOT. At scan
+time, a folder (or link) that resolves outside ROOT is skipped with a log line, and a model that fails to load is
+kept as UNAVAILABLE with its reason while the others serve.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from ponder.errors import PonderError
+from ponder.serve.engine import Engine
+from ponder.serve.protocol import RequestError
+
+log = logging.getLogger("ponder.serve")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.ns += int(seconds * 1e9)
+
+
+@dataclass
+class Stats:
+    """Counters behind ModelStatistics (Triton's meaning: inference_count counts batch items)."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, *, ok: bool, total_s: float, queue_s: float = 0.0, compute_s: float = 0.0,
+               batch: int = 0, executions: int = 0) -> None:
+        with self.lock:
+            (self.success if ok else self.fail).add(total_s)
+            if executions:
+                self.queue.add(queue_s)
+                self.compute_infer.count += executions
+                self.compute_infer.ns += int(compute_s * 1e9)
+                self.inference_count += batch
+                self.execution_count += executions
+                self.last_inference_ms = int(time.time() * 1e3)
+
+
+@dataclass
+class ModelVersion:
+    name: str
+    version: str
+    path: Path
+    engine: Engine | None = None
+    error: str | None = None
+    stats: Stats = field(default_factory=Stats)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+
+class Repository:
+    def __init__(self, root: str | Path, threads: int | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise PonderError(f"--repository {str(root)!r} is not a folder (expected ROOT/NAME/VERSION/model.onnx)")
+        self.threads = threads
+        self.models: dict[str, dict[str, ModelVersion]] = {}
+        self._scan()
+
+    def _scan(self) -> None:
+        root = self.root.resolve()
+        for folder in sorted(self.root.iterdir()):
+            if not folder.is_dir() or folder.name.startswith("."):
+                continue
+            if not NAME.match(folder.name):
+                log.warning("skipping %s: a model name is letters, digits, '_', '.' and '-'", folder)
+                continue
+            if not folder.resolve().is_relative_to(root):
+                log.warning("skipping %s: it points outside the repository (%s)", folder, folder.resolve())
+                continue
+            versions = {}
+            for vdir in sorted((p for p in folder.iterdir() if p.name.isdigit() and p.is_dir()), key=_number):
+                version = ModelVersion(folder.name, str(int(vdir.name)), vdir / "model.onnx")
+                if not version.path.resolve().is_relative_to(root):
+                    version.error = "its model file points outside the repository"
+                else:
+                    self._load(version)
+                versions[version.version] = version
+            if versions:
+                self.models[folder.name] = versions
+            else:
+                log.warning("skipping %s: no VERSION/model.onnx inside", folder)
+
+    def _load(self, version: ModelVersion) -> None:
+        try:
+            version.engine = Engine(version.path, threads=self.threads)
+        except Exception as exc:  # any failure stays with this model; the others serve
+            version.error = str(exc) if isinstance(exc, PonderError) else f"{type(exc).__name__}: {exc}"
+            log.error("model %s version %s failed to load: %s", version.name, version.version, version.error)
+        else:
+            log.info("loaded model %s version %s (%s)", version.name, version.version, version.path)
+
+    def all_versions(self) -> list[ModelVersion]:
+        return [v for versions in self.models.values() for v in versions.values()]
+
+    def versions(self, name: str, version: str = "") -> list[ModelVersion]:
+        """Every version of model ``name`` (or just ``version``), ready or not; NOT_FOUND when there is none."""
+        versions = self.models.get(name)
+        if versions is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model_name {name!r} is not in the repository "
+                                                          f"(models: {known})")
+        if not version:
+            return list(versions.values())
+        found = versions.get(str(int(version)) if version.isdigit() else version)
+        if found is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model_version {version!r} of model {name!r} does not "
+                                                          f"exist (versions: {', '.join(versions)})")
+        return [found]
+
+    def find(self, name: str, version: str = "") -> ModelVersion:
+        """The model version a request names (newest ready one when ``version`` is empty).
+
+        NOT_FOUND for an unknown name or version, UNAVAILABLE for one that failed to load."""
+        candidates = self.versions(name, version)
+        ready = [v for v in candidates if v.ready]
+        found = ready[-1] if ready else candidates[-1]
+        if not found.ready:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"model {name!r} version {found.version} is not ready: it failed to load "
+                               f"({found.error})")
+        return found
+
+
+def _number(path: Path) -> int:
+    return int(path.name)
