@@ -22,10 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from ponder.plugins.optim.dag import DAG
 
 from ponder import __version__
 from ponder.config import load_config
+from ponder.plugins.optim.dag import DAG
 from ponder.train import build_model
 
 # name -> factory(params); the quick-start settings are the seed's (momentum, weight decay, k 1.5)

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 import torch
-from ponder.plugins.optim.dag import DAG
 
 from ponder.config import PluginSpec, load_config
+from ponder.plugins.optim.dag import DAG
 from ponder.train import Trainer
 
 QUAD_LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]

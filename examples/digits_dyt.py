@@ -17,10 +17,10 @@ import json
 from pathlib import Path
 
 import torch
-from ponder.plugins.norm import DynamicTanh
 from torch import nn
 
 import ponder
+from ponder.plugins.norm import DynamicTanh
 
 
 def load_digits_tensors(seed: int = 0):

@@ -14,7 +14,6 @@ Usage: python protos/generate.py [--out DIR]   (needs grpcio-tools, pinned in th
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile

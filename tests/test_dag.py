@@ -12,12 +12,12 @@ from statistics import NormalDist
 import pytest
 import torch
 from helpers import write_tiny_config
-from ponder.plugins.optim import DAG, cosine_k_schedule
 from safetensors.torch import load_file, save_file
 
 from ponder import registry
 from ponder.checkpoint import from_tree, to_tree
 from ponder.config import load_config
+from ponder.plugins.optim import DAG, cosine_k_schedule
 from ponder.train import Trainer
 
 

@@ -11,14 +11,14 @@ import onnx
 import pytest
 import torch
 from helpers import run_ponder, write_tiny_config
-from ponder.registry import Registry, hookimpl
-from ponder.serve.engine import Engine, read_metadata
 from torch import nn
 
 from ponder import export, registry
 from ponder.config import ModelConfig, PluginSpec, load_config
 from ponder.export import EarlyExitGraph, ExportError, export_model, fold_norms
 from ponder.model import PonderLM
+from ponder.registry import Registry, hookimpl
+from ponder.serve.engine import Engine, read_metadata
 from ponder.train import Trainer
 
 BUILTINS = Registry(autoload=False)

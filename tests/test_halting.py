@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from ponder.registry import Registry
 
 from ponder.config import ModelConfig, PluginSpec
 from ponder.model import PonderLM
+from ponder.registry import Registry
 
 REG = Registry(autoload=False)
 

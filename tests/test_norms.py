@@ -9,12 +9,12 @@ import warnings
 import pytest
 import torch
 from helpers import run_ponder, write_tiny_config
-from ponder.plugins.norm import AdaptiveDynamicTanh, DynamicTanh, update_adyt_grad_norms
 from torch import nn
 
 import ponder
 from ponder import registry
 from ponder.config import load_config
+from ponder.plugins.norm import AdaptiveDynamicTanh, DynamicTanh, update_adyt_grad_norms
 from ponder.train import Trainer
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from ponder import registry
 from ponder.registry import (
     KINDS,
     PluginConflictError,
@@ -24,8 +26,6 @@ from ponder.registry import (
     hookspecs,
     normalize_name,
 )
-
-from ponder import registry
 
 BUILTINS = Registry(autoload=False)
 

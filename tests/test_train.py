@@ -8,12 +8,12 @@ import types
 import pytest
 import torch
 from helpers import run_ponder, write_tiny_config
-from ponder.registry import hookimpl
 from safetensors.torch import load_file
 
 from ponder import checkpoint, registry
 from ponder.config import load_config
 from ponder.errors import CheckpointError, ConfigError
+from ponder.registry import hookimpl
 from ponder.train import Trainer
 
 
