@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--threshold", "-t", type=float, help="act_threshold in (0, 1] (default: the trained one)")
     rn.add_argument("--tokens", type=int, default=32, help="how many tokens to generate (default: 32)")
     rn.set_defaults(handler=_run)
+
+    from ponder.serve.commands import add_parsers
+
+    add_parsers(commands)  # serve, client
     return parser
 
 

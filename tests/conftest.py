@@ -27,3 +27,38 @@ def plugin_dists(tmp_path_factory) -> dict[str, Path]:
         )
         out[src.name] = target
     return out
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory) -> Path:
+    """A Triton-style repository for the serving tests, built from a real export of a small byte-level model:
+
+    tiny/1 and tiny/2 (the same model), broken/1 (a file that is not ONNX), and `outside`, a link to a model
+    folder outside the repository (which the server must not serve)."""
+    import json
+
+    import torch
+
+    from ponder.config import ModelConfig, PluginSpec
+    from ponder.export import export_model
+    from ponder.model import PonderLM
+
+    torch.manual_seed(0)
+    model = PonderLM(ModelConfig(vocab_size=256, d_model=32, n_layers=3, n_heads=2, n_local_heads=1, d_ff=64,
+                                 max_seq_len=32, attn_window=8.0, act_threshold=0.9),
+                     norm=PluginSpec("layernorm"), halting=PluginSpec("act", {"bias_init": 1.0}))
+    with torch.no_grad():
+        model.halting.weight.normal_(0.0, 0.5)  # tokens halt at different depths at lower thresholds
+    root = tmp_path_factory.mktemp("repository")
+    first = root / "tiny" / "1"
+    first.mkdir(parents=True)
+    export_model(model.eval(), first / "model.onnx", check=False,
+                 metadata={"tokenizer": {"kind": "byte", "vocab_size": 256}})
+    (first / "config.json").write_text(json.dumps({"tokenizer": {"kind": "byte"}}))
+    shutil.copytree(first, root / "tiny" / "2")
+    (root / "broken" / "1").mkdir(parents=True)
+    (root / "broken" / "1" / "model.onnx").write_bytes(b"this is not an ONNX model")
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    shutil.copytree(first, elsewhere / "1")
+    (root / "outside").symlink_to(elsewhere, target_is_directory=True)
+    return root

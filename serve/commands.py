@@ -1,0 +1,209 @@
+"""``ponder serve`` and ``ponder client``: argument parsing and printing; the work is in server.py and client.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from ponder.errors import PonderError
+
+
+def add_parsers(commands: Any) -> None:
+    sv = commands.add_parser(
+        "serve", help="serve exported models over gRPC (Open Inference Protocol v2)",
+        description="Serve every model in a Triton-style repository (ROOT/NAME/VERSION/model.onnx) over gRPC, "
+                    "speaking the Open Inference Protocol v2, so tritonclient[grpc] works unchanged. Each response "
+                    "carries layers_executed, mean_token_depth, compute_ms, queue_ms and server_ms; a request may "
+                    "set act_threshold. SIGTERM drains in-flight requests within --grace seconds, then exits 0.")
+    sv.add_argument("--repository", required=True, metavar="ROOT", help="the model repository")
+    sv.add_argument("--address", default="127.0.0.1:8001", help="HOST:PORT to listen on (default: 127.0.0.1:8001; "
+                                                                  "port 0 picks a free one)")
+    sv.add_argument("--metrics-port", type=int, default=8002,
+                    help="Prometheus /metrics on this port, same host (default: 8002; 0 picks one; -1 turns it off)")
+    sv.add_argument("--tls-cert", type=Path, metavar="F", help="serve TLS with this PEM certificate (needs --tls-key)")
+    sv.add_argument("--tls-key", type=Path, metavar="F", help="the certificate's PEM private key")
+    sv.add_argument("--tls-ca", type=Path, metavar="F", help="require client certificates signed by this PEM CA")
+    sv.add_argument("--max-message-mb", type=int, default=64, metavar="N",
+                    help="largest request or response in MiB (default: 64)")
+    sv.add_argument("--workers", type=int, default=2, metavar="N", help="requests computed at once (default: 2)")
+    sv.add_argument("--max-queue", type=int, default=64, metavar="N",
+                    help="requests waiting beyond those; more get RESOURCE_EXHAUSTED (default: 64)")
+    sv.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads per model run (default: ORT's)")
+    sv.add_argument("--grace", type=float, default=10.0, metavar="S",
+                    help="seconds in-flight requests get to finish on SIGTERM (default: 10)")
+    sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                    help="log verbosity on stderr (default: info)")
+    sv.set_defaults(handler=_serve)
+
+    cl = commands.add_parser(
+        "client", help="talk to a running ponder server: health, metadata, infer, generate",
+        description="A client for `ponder serve` (or any Open Inference Protocol v2 server) that prints the layers "
+                    "executed and the latency of every request.")
+    cl.add_argument("--address", default="127.0.0.1:8001", help="the server's HOST:PORT (default: 127.0.0.1:8001)")
+    cl.add_argument("--tls-ca", type=Path, metavar="F", help="connect with TLS, trusting this PEM CA certificate")
+    cl.add_argument("--timeout", type=float, default=30.0, metavar="S", help="deadline per call (default: 30 s)")
+    actions = cl.add_subparsers(dest="client_command", metavar="ACTION")
+
+    he = actions.add_parser("health", help="is the server live and ready; which models are ready",
+                            description="Server liveness and readiness, and the state of every model version.")
+    he.add_argument("--json", action="store_true", help="print JSON")
+    he.set_defaults(handler=_health)
+
+    me = actions.add_parser("metadata", help="the server's and models' metadata",
+                            description="Server metadata, and each model's inputs and outputs.")
+    me.add_argument("--model", help="only this model (default: every ready one)")
+    me.add_argument("--json", action="store_true", help="print JSON")
+    me.set_defaults(handler=_metadata)
+
+    inf = actions.add_parser("infer", help="one forward pass: next token, layers executed, latency",
+                             description="Send one ModelInfer request (token ids, or text turned into byte ids) "
+                                         "and print the predicted next token, the layers executed and the latency.")
+    source = inf.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="text for a byte-level model (sent as its UTF-8 bytes as token ids)")
+    source.add_argument("--ids", help="token ids separated by spaces or commas")
+    _model_flags(inf)
+    inf.add_argument("--typed", action="store_true", help="send typed contents instead of raw bytes")
+    inf.set_defaults(handler=_infer)
+
+    ge = actions.add_parser("generate", help="stream generated text, one token per response",
+                            description="Greedy generation over ModelStreamInfer: prints each token as it arrives "
+                                        "with its layers executed and latency, then a summary.")
+    ge.add_argument("text", help="the prompt")
+    ge.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default: 32)")
+    _model_flags(ge)
+    ge.set_defaults(handler=_generate)
+    cl.set_defaults(handler=lambda args: _usage(cl))
+
+
+def _model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model name (default: the only ready model)")
+    parser.add_argument("--model-version", default="", help="model version (default: the newest)")
+    parser.add_argument("--threshold", "-t", type=float, help="act_threshold in (0, 1] (default: the model's)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ponder.serve.server import TLSFiles, serve
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise PonderError("--tls-cert and --tls-key go together")
+    if args.tls_ca is not None and args.tls_cert is None:
+        raise PonderError("--tls-ca (client certificates) needs --tls-cert and --tls-key")
+    if args.grace < 0:
+        raise PonderError(f"--grace must be >= 0 seconds, got {args.grace}")
+    if not -1 <= args.metrics_port <= 65535:
+        raise PonderError(f"--metrics-port must be a port (0 picks one, -1 turns metrics off), got {args.metrics_port}")
+    logging.basicConfig(level=args.log_level.upper(), format="ponder serve: %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
+    return serve(args.repository, args.address, grace=args.grace, workers=args.workers, max_queue=args.max_queue,
+                 max_message_mb=args.max_message_mb, tls=tls, threads=args.threads,
+                 metrics_port=None if args.metrics_port < 0 else args.metrics_port)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from ponder.serve.client import Client
+
+    return Client(args.address, tls_ca=args.tls_ca, timeout=args.timeout)
+
+
+def _health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        live, ready = client.live(), client.ready()
+        models = [{"name": m.name, "version": m.version, "state": m.state, "reason": m.reason}
+                  for m in client.index()]
+    if args.json:
+        print(json.dumps({"live": live, "ready": ready, "models": models}, indent=2))
+    else:
+        print(f"{args.address}: live {live}, ready {ready}")
+        for m in models:
+            print(f"  {m['name']}/{m['version']}: {m['state']}" + (f" ({m['reason']})" if m["reason"] else ""))
+    return 0 if live and ready else 1
+
+
+def _metadata(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(args) as client:
+        server = MessageToDict(client.server_metadata())
+        names = [args.model] if args.model else sorted({m.name for m in client.index() if m.state == "READY"})
+        models = [MessageToDict(client.model_metadata(name)) for name in names]
+    if args.json:
+        print(json.dumps({"server": server, "models": models}, indent=2))
+        return 0
+    print(f"server {server.get('name')} {server.get('version')}; extensions: {', '.join(server.get('extensions', []))}")
+    for m in models:
+        print(f"model {m['name']} (versions {', '.join(m.get('versions', []))}, {m.get('platform')})")
+        for kind in ("inputs", "outputs"):
+            for t in m.get(kind, []):
+                shape = ", ".join(str(d) for d in t.get("shape", []))
+                print(f"  {kind[:-1]:6} {t['name']}: {t['datatype']} [{shape}]")
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    if args.text is not None:
+        ids = list(args.text.encode("utf-8"))
+    else:
+        try:
+            ids = [int(x) for x in args.ids.replace(",", " ").split()]
+        except ValueError:
+            raise PonderError(f"--ids must be whole numbers separated by spaces or commas, got {args.ids!r}") from None
+    with _client(args) as client:
+        model = args.model or client.default_model()
+        reply = client.infer(model, np.array([ids], dtype=np.int64), threshold=args.threshold,
+                             version=args.model_version, typed=args.typed)
+    next_id = int(reply.outputs["logits"][0, -1].argmax())
+    if args.json:
+        print(json.dumps({"model": reply.model, "version": reply.version, "next_token_id": next_id,
+                          "token_depth": reply.outputs["token_depth"].tolist(), "parameters": reply.params,
+                          "round_trip_ms": reply.round_trip_ms}, indent=2))
+        return 0
+    shown = f" {bytes([next_id]).decode('utf-8', 'replace')!r}" if args.text is not None else ""
+    p = reply.params
+    print(f"{reply.model}/{reply.version}: next token{shown} (id {next_id}); layers executed {p['layers_executed']}, "
+          f"mean token depth {p['mean_token_depth']:.2f}; compute {p['compute_ms']:.2f} ms, queue {p['queue_ms']:.2f} "
+          f"ms, server {p['server_ms']:.2f} ms, round trip {reply.round_trip_ms:.2f} ms")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise PonderError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.text:
+        raise PonderError("the prompt is empty")
+    with _client(args) as client:
+        model = args.model or client.default_model()
+        if not args.json:
+            print(f"{model}: {args.text!r} ->", flush=True)
+        tokens: list[dict[str, Any]] = []
+        for reply in client.generate(model, args.text, max_new_tokens=args.max_new_tokens, threshold=args.threshold,
+                                     version=args.model_version):
+            data = bytes(reply.outputs["text"][0])
+            tokens.append({"token_id": int(reply.outputs["token_ids"][0]), "text": data.decode("utf-8", "replace"),
+                           "layers_executed": reply.layers_executed, "compute_ms": reply.params["compute_ms"],
+                           "server_ms": reply.params["server_ms"], "arrival_ms": reply.round_trip_ms})
+            if not args.json:
+                t = tokens[-1]
+                print(f"  {t['text']!r:8} layers {t['layers_executed']:2d}  compute {t['compute_ms']:6.2f} ms  "
+                      f"arrived after {t['arrival_ms']:6.2f} ms", flush=True)
+    text = bytes(t["token_id"] for t in tokens).decode("utf-8", "replace")  # text input: byte-level models only
+    layers = [t["layers_executed"] for t in tokens]
+    if args.json:
+        print(json.dumps({"model": model, "prompt": args.text, "text": text, "tokens": tokens}, indent=2))
+        return 0
+    print(f"{args.text}\u2192{text}")
+    print(f"{len(tokens)} tokens; layers executed per token: mean {sum(layers) / len(layers):.2f}, "
+          f"min {min(layers)}, max {max(layers)}")
+    return 0
