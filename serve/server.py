@@ -52,6 +52,11 @@ class Admission:
         self._admitted = 0
         self._running = 0
 
+    @property
+    def admitted(self) -> int:
+        """Requests computing or waiting for a slot."""
+        return self._admitted
+
     def _update(self) -> None:
         self.metrics.queue_depth.set(self._admitted - self._running)
         self.metrics.in_flight.set(self._admitted)
