@@ -65,7 +65,9 @@ def _shape(type_proto: Any) -> str:
 class Engine:
     """One exported model on ONNX Runtime (CPU), with its tokenizer."""
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, spinning: bool = True) -> None:
+        """``threads``: ONNX Runtime's intra-op threads (default: its own choice). ``spinning=False`` stops those
+        threads busy-waiting between runs, which frees the CPU for a server's own threads."""
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -78,6 +80,8 @@ class Engine:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.vocab_size = int(self.metadata["vocab_size"])
         spec = self.config.get("tokenizer") or self.metadata.get("tokenizer") or {"kind": "byte"}

@@ -109,7 +109,7 @@ class Repository:
 
     def _load(self, version: ModelVersion) -> None:
         try:
-            version.engine = Engine(version.path, threads=self.threads)
+            version.engine = Engine(version.path, threads=self.threads, spinning=False)  # CPU for the RPC threads
         except Exception as exc:  # any failure stays with this model; the others serve
             version.error = str(exc) if isinstance(exc, PonderError) else f"{type(exc).__name__}: {exc}"
             log.error("model %s version %s failed to load: %s", version.name, version.version, version.error)
