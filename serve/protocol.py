@@ -13,8 +13,6 @@ from typing import Any
 import grpc
 import numpy as np
 
-from ponder.serve import inference_pb2 as pb
-
 # datatype -> (numpy dtype, the InferTensorContents field that carries it typed)
 DATATYPES: dict[str, tuple[Any, str]] = {
     "BOOL": (np.bool_, "bool_contents"),
@@ -150,6 +148,3 @@ def read_number(params: Any, key: str, *, integer: bool = False) -> float | int 
     got = "nothing" if which is None else f"{which}={value!r}"
     raise invalid(f"parameter {key!r} must be {want}, got {got}")
 
-
-def tensor_metadata(name: str, datatype: str, shape: list[int]) -> Any:
-    return pb.ModelMetadataResponse.TensorMetadata(name=name, datatype=datatype, shape=shape)

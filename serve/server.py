@@ -14,7 +14,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -116,7 +116,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _label(self, name: str) -> str:
         return name if name in self.repo.models else "(unknown)"  # unknown names must not grow the label set
 
-    def _count(self, name: str, status: str, seconds: float, steps: list[Step] = ()) -> None:  # type: ignore[assignment]
+    def _count(self, name: str, status: str, seconds: float, steps: Sequence[Step] = ()) -> None:
         label = self._label(name)
         self.metrics.requests.labels(label, status).inc()
         self.metrics.latency.labels(label).observe(seconds)
