@@ -84,8 +84,8 @@ class Engine:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.vocab_size = int(self.metadata["vocab_size"])
-        spec = self.config.get("tokenizer") or self.metadata.get("tokenizer") or {"kind": "byte"}
-        self.byte_level = spec.get("kind") == "byte"
+        self.tokenizer_spec = self.config.get("tokenizer") or self.metadata.get("tokenizer") or {"kind": "byte"}
+        self.byte_level = self.tokenizer_spec.get("kind") == "byte"
         self._tokenizer_cache: Any = None
 
     @property
@@ -107,8 +107,8 @@ class Engine:
     def _tokenizer(self) -> Any:
         from ponder.data import ByteTokenizer, tokenizer_from_json
 
-        spec = self.config.get("tokenizer") or self.metadata.get("tokenizer") or {"kind": "byte"}
-        if spec.get("kind") == "byte":
+        spec = self.tokenizer_spec
+        if self.byte_level:
             return ByteTokenizer()
         if "vocab" not in spec:
             raise PonderError(f"{str(self.path)!r} uses a word vocabulary, but no config.json with it lies beside it")

@@ -250,7 +250,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     step = job.run()
                     server_s = time.perf_counter() - start
                     mv.stats.record(ok=True, total_s=server_s, queue_s=queue_s, compute_s=step.compute_s,
-                                    batch=step.batch)
+                                    batch=step.batch, executions=step.executions)
                     ok = True
                     yield respond(request, mv.name, mv.version, step, queue_s=queue_s, server_s=server_s), step
                     return
