@@ -119,6 +119,43 @@ def plot_dials(runs: dict[str, dict[str, Any]], path: str | Path, title: str = "
     return _save(fig, plt, path)
 
 
+def plot_bench(report: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Four panels against the threshold, one line per batch size: p50 latency (p95 dotted), layers executed
+    (mean token depth dashed), perplexity; and the measured speed-up against the ideal one with the y = x line."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    (lat, layers), (speed, ppl) = axes
+    batches = sorted({r["batch_size"] for r in report["rows"]})
+    top = 1.0
+    for k, b in enumerate(batches):
+        rows = sorted((r for r in report["rows"] if r["batch_size"] == b), key=lambda r: r["threshold"])
+        color, label = f"C{k}", f"batch {b}"
+        ts = [r["threshold"] for r in rows]
+        lat.plot(ts, [r["p50_ms"] for r in rows], "o-", color=color, label=f"{label} p50")
+        lat.plot(ts, [r["p95_ms"] for r in rows], ":", color=color, label=f"{label} p95")
+        layers.plot(ts, [r["layers_executed"] for r in rows], "s-", color=color, label=f"{label} layers executed")
+        layers.plot(ts, [r["mean_token_depth"] for r in rows], "^--", color=color, label=f"{label} mean token depth")
+        ppl.plot(ts, [r["perplexity"] for r in rows], "o-", color=color, label=label)
+        ideal, measured = [r["ideal_speedup"] for r in rows], [r["speedup"] for r in rows]
+        speed.plot(ideal, measured, "o", color=color, label=label)
+        for r in rows:
+            speed.annotate(f"{r['threshold']:g}", (r["ideal_speedup"], r["speedup"]), fontsize=7,
+                           xytext=(3, 3), textcoords="offset points")
+        top = max(top, *ideal, *measured)
+    speed.plot([1, top * 1.05], [1, top * 1.05], "k--", lw=1, label="ideal (cost = layers executed)")
+    lat.set(xlabel="threshold", ylabel="latency (ms, log scale)", title="Latency per request", yscale="log")
+    layers.set(xlabel="threshold", ylabel="layers", title="Depth", ylim=(0, report["n_layers"] + 0.5))
+    ppl.set(xlabel="threshold", ylabel="perplexity", title="Perplexity on the bench text")
+    speed.set(xlabel="ideal speed-up (n_layers / layers executed)", ylabel="measured speed-up (p50, vs threshold 1)",
+              title="Measured against ideal speed-up (labels: threshold)")
+    for ax in (lat, layers, ppl, speed):
+        ax.legend(fontsize=7)
+    fig.suptitle(title or f"ponder bench: {report['model']} via {report['via']}, {report['n_layers']} layers, "
+                          f"seq {report['seq_len']}, concurrency {report['concurrency']}")
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
 def _save(fig: Any, plt: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

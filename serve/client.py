@@ -93,6 +93,12 @@ class Client:
     def model_metadata(self, name: str, version: str = "") -> Any:
         return self._call("ModelMetadata", pb.ModelMetadataRequest(name=name, version=version))
 
+    def model_config(self, name: str, version: str = "") -> dict[str, str]:
+        """The model's configuration parameters as ponder's server reports them (n_layers, max_seq_len,
+        vocab_size, tokenizer, act_threshold, norm, halting), as strings."""
+        response = self._call("ModelConfig", pb.ModelConfigRequest(name=name, version=version))
+        return {k: v.string_value for k, v in response.config.parameters.items()}
+
     def index(self) -> list[Any]:
         return list(self._call("RepositoryIndex", pb.RepositoryIndexRequest()).models)
 

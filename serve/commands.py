@@ -78,6 +78,48 @@ def add_parsers(commands: Any) -> None:
     ge.set_defaults(handler=_generate)
     cl.set_defaults(handler=lambda args: _usage(cl))
 
+    add_bench_parser(commands)
+
+
+def add_bench_parser(commands: Any) -> None:
+    from ponder.serve.bench import DEFAULT_THRESHOLDS
+
+    be = commands.add_parser(
+        "bench", help="adaptive-depth latency per threshold: in process or through a gRPC server",
+        description="Measure what early exit buys on an exported model: p50/p95/p99 latency, throughput, layers "
+                    "executed, mean token depth and perplexity per threshold and batch size, with the speed-up "
+                    "against full depth (threshold 1.0, always measured) next to the ideal n_layers / layers "
+                    "executed. Writes DIR/bench.json and DIR/bench.png and prints a table. With --via grpc and no "
+                    "--address it starts `ponder serve` on 127.0.0.1 for the model's repository and stops it after.")
+    be.add_argument("target", metavar="MODEL_OR_REPOSITORY",
+                    help="a model.onnx, a version or model folder, a repository (ROOT/NAME/VERSION/model.onnx), or "
+                         "with --address a model name the server serves")
+    be.add_argument("--model", help="which model of a repository that holds several")
+    be.add_argument("--via", choices=["inprocess", "grpc"],
+                    help="in this process on ONNX Runtime, or through a gRPC server (default: grpc when --address "
+                         "is given, else inprocess)")
+    be.add_argument("--address", help="HOST:PORT of a running server (implies --via grpc)")
+    be.add_argument("--tls-ca", type=Path, metavar="F", help="connect to --address with TLS, trusting this PEM CA")
+    be.add_argument("--thresholds", "-t", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS), metavar="T",
+                    help="act_threshold values in (0, 1] (default: %(default)s; 1.0 is always added)")
+    be.add_argument("--batch-sizes", "-b", type=int, nargs="+", default=[1, 8], metavar="B",
+                    help="sequences per request (default: 1 8)")
+    be.add_argument("--concurrency", "-c", type=int, default=1, metavar="N",
+                    help="requests in flight at once (default: 1)")
+    be.add_argument("--requests", "-n", type=int, default=50, metavar="N",
+                    help="timed requests per threshold and batch size (default: 50)")
+    be.add_argument("--warmup", type=int, default=5, metavar="N",
+                    help="untimed requests first, per threshold and batch size (default: 5)")
+    be.add_argument("--seq-len", type=int, metavar="N", help="tokens per sequence (default: the model's context)")
+    be.add_argument("--text-file", type=Path, metavar="F",
+                    help="UTF-8 text to cut into sequences (default: the embedded corpus' validation part)")
+    be.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads per run (default: ORT's)")
+    be.add_argument("--out", type=Path, default=Path("bench"), metavar="DIR",
+                    help="where bench.json and bench.png go (default: ./bench)")
+    be.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    be.add_argument("--no-progress", action="store_true", help="no progress bar")
+    be.set_defaults(handler=_bench)
+
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model name (default: the only ready model)")
@@ -89,6 +131,35 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
     return 2
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ponder.serve.bench import Settings, format_table, resolve_target, run_bench, write_report
+
+    text = None
+    if args.text_file is not None:
+        try:
+            text = args.text_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PonderError(f"--text-file {str(args.text_file)!r}: {getattr(exc, 'strerror', None) or exc}") from None
+    settings = Settings(thresholds=args.thresholds, batch_sizes=args.batch_sizes, concurrency=args.concurrency,
+                        requests=args.requests, warmup=args.warmup, seq_len=args.seq_len, text=text)
+    settings.check()
+    if args.threads is not None and args.threads < 1:
+        raise PonderError(f"--threads must be >= 1, got {args.threads}")
+    target = resolve_target(args.target, args.model)
+    report = run_bench(target, settings, via=args.via, address=args.address, tls_ca=args.tls_ca,
+                       threads=args.threads, progress=not args.no_progress)
+    paths = write_report(report, args.out)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{report['model']} via {report['via']}: {report['n_layers']} layers, {report['sequences']} sequences "
+              f"of {report['seq_len']} tokens, concurrency {report['concurrency']}, {report['requests']} requests "
+              "per row; speed-up = p50 at threshold 1 / p50, ideal = n_layers / layers executed")
+        print(format_table(report["rows"]))
+    print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -1,0 +1,236 @@
+"""``ponder demo`` (``make demo``): the main job end to end, on one machine, offline.
+
+Train the demo model on the embedded corpus (or reuse / resume the run that is there), export it with early exit
+into a model repository (or reuse the export of that very checkpoint), start ``ponder serve`` on 127.0.0.1, send the
+validation text at each threshold through gRPC, print what each threshold costs and buys, draw it, stop the server.
+Every step is the public code path a user would call by hand: ``Trainer``, ``export_checkpoint``, ``ponder serve``,
+``ponder.serve.bench``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ponder.errors import PonderError
+from ponder.serve.bench import DEFAULT_THRESHOLDS, Remote, Settings, format_table, machine, measure, served
+
+DEMO_COLUMNS = ("threshold", "layers_executed", "mean_token_depth", "p50_ms", "speedup", "ideal_speedup",
+                "perplexity")
+
+
+@dataclass
+class DemoOptions:
+    run_dir: Path = Path("runs/demo")
+    repository: Path = Path("models")
+    name: str = "demo"
+    preset: str = "demo"
+    config: Path | None = None   # a run config instead of the preset
+    steps: int | None = None     # override the config's train.steps
+    fresh: bool = False          # forget the run and its exports first
+    thresholds: Sequence[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLDS))
+    requests: int = 100          # timed requests per threshold (validation sequences, batch 1)
+    warmup: int = 5
+    prompt: str = "The return statement"
+    tokens: int = 32
+    progress: bool = True
+
+
+def run_demo(o: DemoOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """The whole demo; returns its report (also written to RUN/demo.json, drawn in RUN/demo.png)."""
+    from ponder.serve.bench import write_report
+
+    Settings(thresholds=o.thresholds, batch_sizes=(1,), requests=o.requests, warmup=o.warmup).check()
+    if o.steps is not None and o.steps < 1:
+        raise PonderError(f"--steps must be >= 1, got {o.steps}")
+    if not o.name or "/" in o.name or o.name.startswith("."):
+        raise PonderError(f"--name must be a plain folder name, got {o.name!r}")
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if o.fresh:
+        _forget(o, say)
+    ckpt = _train(o, say)
+    timings["train_s"] = time.perf_counter() - start
+    version = _export(o, ckpt, say)
+    timings["export_s"] = time.perf_counter() - start - timings["train_s"]
+    report = _serve_and_measure(o, ckpt, version, say)
+    timings["serve_s"] = time.perf_counter() - start - timings["train_s"] - timings["export_s"]
+    timings["total_s"] = time.perf_counter() - start
+    report["timings"] = timings
+    paths = write_report(report, o.run_dir, stem="demo",
+                         title=f"ponder demo: {o.name}/{version} through ponder serve (gRPC), batch 1")
+    _print_summary(report, say)
+    say(f"wrote {paths[0]} and {paths[1]}; {timings['total_s']:.0f} s in all (train {timings['train_s']:.0f} s, "
+        f"export {timings['export_s']:.0f} s, serve and measure {timings['serve_s']:.0f} s)")
+    return report
+
+
+# -- the steps --------------------------------------------------------------------------------------------------
+
+def _forget(o: DemoOptions, say: Callable[[str], None]) -> None:
+    """Remove the run folder and the model's exports, after checking they are what the demo wrote."""
+    run, model = o.run_dir, o.repository / o.name
+    if run.exists():
+        if not ((run / "latest").is_file() or (run / "checkpoints").is_dir() or (run / "metrics.jsonl").is_file()):
+            raise PonderError(f"--fresh would delete {str(run)!r}, which is not a ponder run folder; choose another "
+                              "--run-dir")
+        shutil.rmtree(run)
+        say(f"--fresh: removed {run}")
+    if model.exists():
+        if not model.is_dir() or any(not (c.name.isdigit() or c.name.startswith(".tmp-")) for c in model.iterdir()):
+            raise PonderError(f"--fresh would delete {str(model)!r}, which holds more than exported versions; "
+                              "choose another --name")
+        shutil.rmtree(model)
+        say(f"--fresh: removed {model}")
+
+
+def _train(o: DemoOptions, say: Callable[[str], None]) -> Path:
+    from ponder.checkpoint import read_config, read_trainer_state, resolve
+    from ponder.config import load_config, parse_config
+    from ponder.train import Trainer
+
+    if (o.run_dir / "latest").is_file():
+        ckpt = resolve(o.run_dir)
+        step = int(read_trainer_state(ckpt)["step"])
+        want = o.steps or parse_config(read_config(ckpt)["run"]).train.steps
+        if step >= want:
+            say(f"[1/4] reusing the model trained in {o.run_dir} (step {step}; `make demo FRESH=1` or --fresh "
+                "retrains)")
+            return ckpt
+        say(f"[1/4] resuming {o.run_dir} from step {step} to {want}")
+        trainer = Trainer(None, o.run_dir, resume=True, steps=o.steps, progress=o.progress)
+    else:
+        run = load_config(o.config) if o.config else load_config(preset=o.preset)
+        trainer = Trainer(run, o.run_dir, steps=o.steps, progress=o.progress)
+        what = f"config {o.config}" if o.config else f"preset {o.preset!r}"
+        say(f"[1/4] training the demo model ({what}: {trainer.model.num_parameters():,} parameters, "
+            f"{trainer.run.train.steps} steps on {trainer.device}) into {o.run_dir}")
+    final = trainer.train()
+    say(f"      step {final['step']}: validation perplexity {final['perplexity']:.2f}, layers executed "
+        f"{final['layers_executed']:.2f} of {final['n_layers']}, mean token depth {final['mean_token_depth']:.2f}")
+    return resolve(o.run_dir)
+
+
+def _export(o: DemoOptions, ckpt: Path, say: Callable[[str], None]) -> str:
+    from ponder.export import export_checkpoint
+    from ponder.serve.bench import _versions
+    from ponder.serve.engine import read_metadata
+
+    folder = o.repository / o.name
+    if folder.is_dir():
+        for v in reversed(_versions(folder)):
+            source = read_metadata(folder / str(v) / "model.onnx").get("source_checkpoint")
+            if source and Path(source).resolve() == ckpt.resolve():
+                say(f"[2/4] reusing {folder / str(v) / 'model.onnx'}, exported from this checkpoint")
+                return str(v)
+    say(f"[2/4] exporting {ckpt} to ONNX with early exit inside the graph, checked against PyTorch "
+        "(about a minute on 2 cores)")
+    with _ticking("export", o.progress):
+        report = export_checkpoint(ckpt, repository=o.repository, name=o.name)
+    worst = max((c["max_logit_diff"] for c in report.checks), default=float("nan"))
+    say(f"      wrote {report.path} in {report.seconds:.0f} s; ONNX Runtime matches PyTorch within {worst:.1e} "
+        f"(logits) with the same layer counts at {len(report.checks)} checked inputs")
+    return report.path.parent.name
+
+
+def _serve_and_measure(o: DemoOptions, ckpt: Path, version: str, say: Callable[[str], None]) -> dict[str, Any]:
+    rows = _validation_rows(ckpt)
+    settings = Settings(thresholds=o.thresholds, batch_sizes=(1,), requests=o.requests, warmup=o.warmup)
+    with served(o.repository, workers=1) as (address, proc):
+        say(f"[3/4] started `ponder serve --repository {o.repository}` on {address} (pid {proc.pid})")
+        say(f"[4/4] {o.requests} validation sequences of {rows.shape[1] - 1} tokens per threshold, batch 1, through "
+            "gRPC, thresholds interleaved request by request")
+        runner = Remote(address, o.name, version)
+        try:
+            results = measure(runner, runner.n_layers, rows, settings, o.progress)
+            samples = [_sample(runner, o, t) for t in sorted({min(o.thresholds), 1.0})]
+        finally:
+            runner.close()
+    say(f"      stopped the server (pid {proc.pid}): exit status {proc.returncode}")
+    if proc.returncode != 0:
+        raise PonderError(f"the server (pid {proc.pid}) exited with status {proc.returncode}, not 0")
+    return {"model": o.name, "version": version, "checkpoint": str(ckpt), "via": "grpc", "address": address,
+            "server_pid": proc.pid, "server_exit_status": proc.returncode, "n_layers": runner.n_layers,
+            "seq_len": rows.shape[1] - 1, "sequences": len(rows), "concurrency": 1, "requests": o.requests,
+            "warmup": o.warmup, "machine": machine(), "rows": results, "samples": samples}
+
+
+def _validation_rows(ckpt: Path) -> np.ndarray:
+    """The run's own validation split as rows of seq_len + 1 token ids (what the model never trained on)."""
+    from ponder.checkpoint import read_config
+    from ponder.config import parse_config
+    from ponder.data import prepare_data, tokenizer_from_json
+
+    saved = read_config(ckpt)
+    run = parse_config(saved["run"])
+    ids = prepare_data(run.data, tokenizer_from_json(saved["tokenizer"])).splits["valid"].numpy()
+    seq_len = min(run.train.seq_len, run.model.max_seq_len)
+    n = len(ids) // (seq_len + 1)
+    if n < 1:
+        raise PonderError(f"the validation split has {len(ids)} tokens, fewer than one sequence of {seq_len + 1}")
+    return ids[: n * (seq_len + 1)].reshape(n, seq_len + 1).astype(np.int64)
+
+
+def _sample(runner: Remote, o: DemoOptions, threshold: float) -> dict[str, Any]:
+    """A short greedy generation through the server (byte-level models only), with layers per token."""
+    from ponder.serve.client import ServerError
+
+    try:
+        reply = runner.client.generate_once(o.name, o.prompt, max_new_tokens=o.tokens, threshold=threshold,
+                                            version=runner.version)
+    except ServerError as exc:  # a word-level model takes token ids only
+        return {"threshold": threshold, "skipped": str(exc)}
+    layers = [int(x) for x in reply.outputs["token_layers"]]
+    return {"threshold": threshold, "prompt": o.prompt, "text": bytes(reply.outputs["text"][0]).decode("utf-8",
+            "replace"), "token_layers": layers, "round_trip_ms": reply.round_trip_ms}
+
+
+@contextlib.contextmanager
+def _ticking(desc: str, enabled: bool) -> Iterator[None]:
+    """An elapsed-time line for work that reports no progress of its own (the ONNX exporter)."""
+    from tqdm import tqdm
+
+    done = threading.Event()
+    bar = tqdm(desc=desc, bar_format="{desc}: {elapsed}", disable=not enabled, file=sys.stderr, leave=False)
+
+    def tick() -> None:
+        while not done.wait(1.0):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        bar.close()
+
+
+def _print_summary(report: dict[str, Any], say: Callable[[str], None]) -> None:
+    rows = report["rows"]
+    say("")
+    say(f"{report['model']}/{report['version']} served over gRPC, batch 1, {report['requests']} requests per "
+        f"threshold ({report['sequences']} validation sequences of {report['seq_len']} tokens):")
+    say(format_table(rows, DEMO_COLUMNS))
+    say("layers executed: what the request ran (its deepest token); mean token depth: layers per token; "
+        "speed-up: p50 at threshold 1 over p50; ideal: n_layers / layers executed")
+    low, full = rows[0], next(r for r in rows if r["threshold"] == 1.0)
+    if low is not full:
+        say(f"At threshold {low['threshold']:g} a request runs {low['layers_executed']:.2f} of {report['n_layers']} "
+            f"layers (its tokens {low['mean_token_depth']:.2f} on average) and answers {low['speedup']:.2f}x as fast "
+            f"as full depth, at perplexity {low['perplexity']:.3f} against {full['perplexity']:.3f}.")
+    for s in report["samples"]:
+        if "text" in s:
+            layers = s["token_layers"]
+            say(f"threshold {s['threshold']:g}: {s['prompt']!r} -> {s['text']!r} (layers per token: mean "
+                f"{sum(layers) / len(layers):.2f}, min {min(layers)}, max {max(layers)})")
