@@ -76,7 +76,9 @@ def resolve_target(arg: str, model: str | None = None) -> Target:
         return _from_file(path / "model.onnx")
     if versions := _versions(path):
         return _from_file(path / str(versions[-1]) / "model.onnx")
-    models = sorted(d.name for d in path.iterdir() if d.is_dir() and _versions(d))
+    root = path.resolve()
+    models = sorted(d.name for d in path.iterdir()  # not links out of the repository: the server skips those too
+                    if d.is_dir() and d.resolve().is_relative_to(root) and _versions(d))
     if not models:
         raise PonderError(f"{arg!r} holds no exported model: expected model.onnx, VERSION/model.onnx or "
                           "NAME/VERSION/model.onnx (as `ponder export --repository` writes)")
