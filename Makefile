@@ -34,13 +34,17 @@ test: install
 # reused; `make demo FRESH=1` retrains), export it with early exit to models/demo, serve it on 127.0.0.1, measure
 # every threshold over gRPC, print the table, write runs/demo/demo.png, stop the server.
 demo: $(DEMO_STAMP)
-	$(BIN)/ponder demo $(if $(FRESH),--fresh)
+	$(BIN)/ponder demo$(if $(FRESH), --fresh)
 
 # The gRPC stubs in serve/ from protos/ (checked in; tests/test_serve_protocol.py fails when they are stale).
 protos: install
 	$(BIN)/python protos/generate.py
 
+# The adaptive-depth tables need the demo model: `ponder demo` trains and exports it unless runs/demo has it.
 bench: install
+	$(BIN)/ponder demo --no-progress --requests 20
+	$(BIN)/ponder bench models/demo --no-progress --out benchmarks/results/depth_inprocess
+	$(BIN)/ponder bench models/demo --via grpc --no-progress --out benchmarks/results/depth_grpc
 	$(BIN)/python benchmarks/bench_train_eval.py
 	$(BIN)/python benchmarks/bench_norms.py
 	$(BIN)/python benchmarks/bench_export.py

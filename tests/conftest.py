@@ -34,7 +34,20 @@ def model_repository(tmp_path_factory) -> Path:
     """A Triton-style repository for the serving tests, built from a real export of a small byte-level model:
 
     tiny/1 and tiny/2 (the same model), broken/1 (a file that is not ONNX), and `outside`, a link to a model
-    folder outside the repository (which the server must not serve)."""
+    folder outside the repository (which the server must not serve). Built once and shared by the xdist workers
+    (the export takes half a minute); no test writes into it."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker of this run
+    root = shared / "model-repository"
+    with FileLock(str(shared / "model-repository.lock")):
+        if not (shared / "model-repository.done").exists():
+            _build_model_repository(root, shared / "model-elsewhere")
+            (shared / "model-repository.done").touch()
+    return root
+
+
+def _build_model_repository(root: Path, elsewhere: Path) -> None:
     import json
 
     import torch
@@ -49,7 +62,8 @@ def model_repository(tmp_path_factory) -> Path:
                      norm=PluginSpec("layernorm"), halting=PluginSpec("act", {"bias_init": 1.0}))
     with torch.no_grad():
         model.halting.weight.normal_(0.0, 0.5)  # tokens halt at different depths at lower thresholds
-    root = tmp_path_factory.mktemp("repository")
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(elsewhere, ignore_errors=True)
     first = root / "tiny" / "1"
     first.mkdir(parents=True)
     export_model(model.eval(), first / "model.onnx", check=False,
@@ -58,7 +72,5 @@ def model_repository(tmp_path_factory) -> Path:
     shutil.copytree(first, root / "tiny" / "2")
     (root / "broken" / "1").mkdir(parents=True)
     (root / "broken" / "1" / "model.onnx").write_bytes(b"this is not an ONNX model")
-    elsewhere = tmp_path_factory.mktemp("elsewhere")
     shutil.copytree(first, elsewhere / "1")
     (root / "outside").symlink_to(elsewhere, target_is_directory=True)
-    return root

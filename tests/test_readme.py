@@ -1,0 +1,36 @@
+"""The README's examples are the code that runs: the plugin example is the distribution the tests install, and
+the flags it shows exist."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from helpers import run_ponder
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_the_plugin_example_is_the_tested_distribution():
+    blocks = dict(re.findall(r"```(?:python|toml)\n# (ponder-hello/[^\n]+)\n(.*?)```", README, re.S))
+    assert sorted(blocks) == ["ponder-hello/ponder_hello.py", "ponder-hello/ponder_hello_layers.py",
+                              "ponder-hello/pyproject.toml"]
+    for name, body in blocks.items():
+        assert body.strip() == (ROOT / "tests" / "plugin_dists" / name).read_text().strip(), name
+
+
+def test_the_commands_the_readme_shows_accept_its_flags():
+    for command in ("bench", "demo", "serve", "export", "train", "eval"):
+        shown = set()
+        for line in README.splitlines():
+            if line.startswith(f"ponder {command} "):
+                shown |= set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", line.split("#")[0]))
+        help_text = run_ponder(command, "--help").stdout
+        missing = sorted(flag for flag in shown if flag not in help_text)
+        assert not missing, f"README shows ponder {command} {missing}, which --help does not list"
+
+
+def test_the_docs_the_readme_links_exist():
+    for target in re.findall(r"\]\(((?:docs|tests|examples)/[^)#]+)\)", README):
+        assert (ROOT / target).exists(), target
