@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo_parser(commands: Any) -> None:
-    from ponder.serve.bench import DEFAULT_THRESHOLDS
+    from ponder.serve import DEFAULT_THRESHOLDS
 
     de = commands.add_parser(
         "demo", help="the main job end to end: train, export, serve, measure per threshold",

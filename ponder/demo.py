@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from ponder.errors import PonderError
-from ponder.serve.bench import DEFAULT_THRESHOLDS, Remote, Settings, format_table, machine, measure, served
+from ponder.serve import DEFAULT_THRESHOLDS
+from ponder.serve.bench import Remote, Settings, format_table, machine, measure, served
 
 DEMO_COLUMNS = ("threshold", "layers_executed", "mean_token_depth", "p50_ms", "speedup", "ideal_speedup",
                 "perplexity")

@@ -1,1 +1,5 @@
-"""Serving exported ponder models: the ONNX Runtime engine, the gRPC server and client (to come)."""
+"""Serving exported ponder models: the ONNX Runtime engine, the gRPC server and client, and `ponder bench`."""
+
+# The thresholds `ponder demo` and `ponder bench` measure by default (here, so that building the CLI's parsers stays
+# light: ponder.serve.bench imports numpy).
+DEFAULT_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99, 1.0)

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 
 from ponder.errors import PonderError
+from ponder.serve import DEFAULT_THRESHOLDS
 
 FULL_DEPTH = 1.0
-DEFAULT_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 
 # -- what to measure ------------------------------------------------------------------------------------------------

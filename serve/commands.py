@@ -82,7 +82,7 @@ def add_parsers(commands: Any) -> None:
 
 
 def add_bench_parser(commands: Any) -> None:
-    from ponder.serve.bench import DEFAULT_THRESHOLDS
+    from ponder.serve import DEFAULT_THRESHOLDS
 
     be = commands.add_parser(
         "bench", help="adaptive-depth latency per threshold: in process or through a gRPC server",
