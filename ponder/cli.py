@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -478,6 +480,10 @@ def _plugins_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -485,6 +491,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         return _usage(parser)
     _configure_registry(args.plugin_switches + getattr(args, "sub_plugin_switches", []))
+    # SIGTERM unwinds like Ctrl-C does, so `finally` blocks run: a server `ponder demo` or `ponder bench` started
+    # is stopped, temporary files are removed. (`ponder serve` installs its own handler, which drains.)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     from ponder.errors import PonderError
     from ponder.registry import PluginError
 

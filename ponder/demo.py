@@ -55,11 +55,14 @@ def run_demo(o: DemoOptions, say: Callable[[str], None] = print) -> dict[str, An
         raise PonderError(f"--steps must be >= 1, got {o.steps}")
     if not o.name or "/" in o.name or o.name.startswith("."):
         raise PonderError(f"--name must be a plain folder name, got {o.name!r}")
+    from ponder.config import load_config
+
+    run = load_config(o.config) if o.config else load_config(preset=o.preset)  # checked before anything is removed
     timings: dict[str, float] = {}
     start = time.perf_counter()
     if o.fresh:
         _forget(o, say)
-    ckpt = _train(o, say)
+    ckpt = _train(o, run, say)
     timings["train_s"] = time.perf_counter() - start
     version = _export(o, ckpt, say)
     timings["export_s"] = time.perf_counter() - start - timings["train_s"]
@@ -72,6 +75,9 @@ def run_demo(o: DemoOptions, say: Callable[[str], None] = print) -> dict[str, An
     _print_summary(report, say)
     say(f"wrote {paths[0]} and {paths[1]}; {timings['total_s']:.0f} s in all (train {timings['train_s']:.0f} s, "
         f"export {timings['export_s']:.0f} s, serve and measure {timings['serve_s']:.0f} s)")
+    if report["server_exit_status"] != 0:  # the figures stand; the stop did not go cleanly
+        raise PonderError(f"the server (pid {report['server_pid']}) exited with status {report['server_exit_status']}"
+                          ", not 0")
     return report
 
 
@@ -94,15 +100,20 @@ def _forget(o: DemoOptions, say: Callable[[str], None]) -> None:
         say(f"--fresh: removed {model}")
 
 
-def _train(o: DemoOptions, say: Callable[[str], None]) -> Path:
+def _train(o: DemoOptions, run: Any, say: Callable[[str], None]) -> Path:
     from ponder.checkpoint import read_config, read_trainer_state, resolve
-    from ponder.config import load_config, parse_config
+    from ponder.config import parse_config
     from ponder.train import Trainer
 
     if (o.run_dir / "latest").is_file():
         ckpt = resolve(o.run_dir)
+        saved = parse_config(read_config(ckpt)["run"])
+        differ = sorted(k for k, v in run.to_json().items() if k != "train" and saved.to_json().get(k) != v)
+        if differ:
+            raise PonderError(f"{str(o.run_dir)!r} holds a run whose config differs from the one asked for (in "
+                              f"{', '.join(differ)}); pass --fresh to retrain it, or --run-dir for another folder")
         step = int(read_trainer_state(ckpt)["step"])
-        want = o.steps or parse_config(read_config(ckpt)["run"]).train.steps
+        want = o.steps or saved.train.steps
         if step >= want:
             say(f"[1/4] reusing the model trained in {o.run_dir} (step {step}; `make demo FRESH=1` or --fresh "
                 "retrains)")
@@ -110,7 +121,6 @@ def _train(o: DemoOptions, say: Callable[[str], None]) -> Path:
         say(f"[1/4] resuming {o.run_dir} from step {step} to {want}")
         trainer = Trainer(None, o.run_dir, resume=True, steps=o.steps, progress=o.progress)
     else:
-        run = load_config(o.config) if o.config else load_config(preset=o.preset)
         trainer = Trainer(run, o.run_dir, steps=o.steps, progress=o.progress)
         what = f"config {o.config}" if o.config else f"preset {o.preset!r}"
         say(f"[1/4] training the demo model ({what}: {trainer.model.num_parameters():,} parameters, "
@@ -122,16 +132,16 @@ def _train(o: DemoOptions, say: Callable[[str], None]) -> Path:
 
 
 def _export(o: DemoOptions, ckpt: Path, say: Callable[[str], None]) -> str:
-    from ponder.export import export_checkpoint
+    from ponder.export import export_checkpoint, weights_digest
     from ponder.serve.bench import _versions
     from ponder.serve.engine import read_metadata
 
     folder = o.repository / o.name
     if folder.is_dir():
+        digest = weights_digest(ckpt)
         for v in reversed(_versions(folder)):
-            source = read_metadata(folder / str(v) / "model.onnx").get("source_checkpoint")
-            if source and Path(source).resolve() == ckpt.resolve():
-                say(f"[2/4] reusing {folder / str(v) / 'model.onnx'}, exported from this checkpoint")
+            if read_metadata(folder / str(v) / "model.onnx").get("source_weights_sha256") == digest:
+                say(f"[2/4] reusing {folder / str(v) / 'model.onnx'}, exported from these very weights")
                 return str(v)
     say(f"[2/4] exporting {ckpt} to ONNX with early exit inside the graph, checked against PyTorch "
         "(about a minute on 2 cores)")
@@ -157,8 +167,6 @@ def _serve_and_measure(o: DemoOptions, ckpt: Path, version: str, say: Callable[[
         finally:
             runner.close()
     say(f"      stopped the server (pid {proc.pid}): exit status {proc.returncode}")
-    if proc.returncode != 0:
-        raise PonderError(f"the server (pid {proc.pid}) exited with status {proc.returncode}, not 0")
     return {"model": o.name, "version": version, "checkpoint": str(ckpt), "via": "grpc", "address": address,
             "server_pid": proc.pid, "server_exit_status": proc.returncode, "n_layers": runner.n_layers,
             "seq_len": rows.shape[1] - 1, "sequences": len(rows), "concurrency": 1, "requests": o.requests,

@@ -262,6 +262,19 @@ def _writable(folder: Path) -> None:
         raise ExportError(f"{str(folder)!r} is not writable")
 
 
+def weights_digest(ckpt: Path) -> str:
+    """SHA-256 of a checkpoint's weights file: tells whether an export came from these very weights."""
+    import hashlib
+
+    from ponder.checkpoint import MODEL
+
+    digest = hashlib.sha256()
+    with open(ckpt / MODEL, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, *, repository: str | Path | None = None,
                       name: str | None = None, version: int | None = None, opset: int = DEFAULT_OPSET,
                       check: bool = True, fold: bool = True) -> ExportReport:
@@ -281,7 +294,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
     samples = sample_inputs(model, corpus_ids)
     tokenizer_json = tokenizer.to_json()
     metadata = {"tokenizer": {"kind": tokenizer_json["kind"], "vocab_size": tokenizer.vocab_size},
-                "source_checkpoint": str(ckpt)}
+                "source_checkpoint": str(ckpt), "source_weights_sha256": weights_digest(ckpt)}
     if output is not None:
         report = export_model(model, output, metadata=metadata, opset=opset, check=check, fold=fold, samples=samples)
         if tokenizer_json["kind"] != "byte":

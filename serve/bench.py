@@ -94,14 +94,20 @@ def resolve_target(arg: str, model: str | None = None) -> Target:
 
 @dataclass
 class Sample:
-    """One request: its latency, its depth, and how well it predicted the next tokens."""
+    """One request: its latency, its depth, and (scored after the timed block) how well it predicted the next
+    tokens."""
 
     ms: float
     layers: int
     mean_depth: float
-    nll: float  # summed over the batch's tokens
-    tokens: int
     compute_ms: float
+    logits: np.ndarray | None  # dropped once scored
+    targets: np.ndarray
+    nll: float = 0.0  # summed over the batch's tokens
+
+    def score(self) -> None:
+        if self.logits is not None:
+            self.nll, self.logits = _nll(self.logits, self.targets), None
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -128,7 +134,7 @@ class InProcess:
         start = time.perf_counter()
         r = self.engine.infer(ids, threshold)
         ms = (time.perf_counter() - start) * 1e3
-        return Sample(ms, r.layers_executed, r.mean_token_depth, _nll(r.logits, targets), targets.size, r.compute_ms)
+        return Sample(ms, r.layers_executed, r.mean_token_depth, r.compute_ms, r.logits, targets)
 
     def close(self) -> None:
         pass
@@ -158,7 +164,7 @@ class Remote:
     def __call__(self, ids: np.ndarray, targets: np.ndarray, threshold: float) -> Sample:
         reply = self.client.infer(self.name, ids, threshold=threshold, version=self.version)
         return Sample(reply.round_trip_ms, reply.layers_executed, float(reply.params["mean_token_depth"]),
-                      _nll(reply.outputs["logits"], targets), targets.size, float(reply.params["compute_ms"]))
+                      float(reply.params["compute_ms"]), reply.outputs["logits"], targets)
 
     def close(self) -> None:
         self.client.close()
@@ -278,7 +284,7 @@ def measure(runner: Callable[[np.ndarray, np.ndarray, float], Sample], n_layers:
 
     thresholds = sorted(set(map(float, settings.thresholds)) | {FULL_DEPTH})
     n, c = settings.requests, settings.concurrency
-    total = len(settings.batch_sizes) * len(thresholds) * (n + settings.warmup)
+    total = len(set(settings.batch_sizes)) * len(thresholds) * (n + settings.warmup)
     block = 1 if c == 1 else max(4 * c, -(-n // 5))
     out: list[dict[str, Any]] = []
     with ThreadPoolExecutor(c) as pool, tqdm(total=total, desc="bench", unit="req", disable=not progress,
@@ -288,7 +294,7 @@ def measure(runner: Callable[[np.ndarray, np.ndarray, float], Sample], n_layers:
                 return [runner(ids, tg, t) for ids, tg in batches]
             return list(pool.map(lambda b: runner(b[0], b[1], t), batches))
 
-        for b in settings.batch_sizes:
+        for b in dict.fromkeys(settings.batch_sizes):  # each batch size once, in the order given
             picks = [np.arange(i * b, (i + 1) * b) % len(rows) for i in range(n)]
             batches = [(rows[p, :-1], rows[p, 1:]) for p in picks]
             warm = [batches[i % n] for i in range(settings.warmup)]
@@ -301,9 +307,12 @@ def measure(runner: Callable[[np.ndarray, np.ndarray, float], Sample], n_layers:
                 k = r % len(thresholds)
                 for t in thresholds[k:] + thresholds[:k]:
                     start = time.perf_counter()
-                    samples[t] += run(batches[lo:lo + block], t)
+                    done = run(batches[lo:lo + block], t)
                     wall[t] += time.perf_counter() - start
-                    bar.update(len(batches[lo:lo + block]))
+                    for sample in done:  # the perplexity maths stays out of the timed block
+                        sample.score()
+                    samples[t] += done
+                    bar.update(len(done))
             rows_b = [_summary(t, b, samples[t], wall[t], n_layers, rows.shape[1] - 1) for t in thresholds]
             full = next(row for row in rows_b if row["threshold"] == FULL_DEPTH)
             for row in rows_b:
@@ -317,7 +326,7 @@ def _summary(t: float, batch: int, samples: list[Sample], wall: float, n_layers:
     ms = np.array([s.ms for s in samples])
     layers = float(np.mean([s.layers for s in samples]))
     depth = float(np.mean([s.mean_depth for s in samples]))
-    nll, tokens = sum(s.nll for s in samples), sum(s.tokens for s in samples)
+    nll, tokens = sum(s.nll for s in samples), sum(s.targets.size for s in samples)
     return {
         "threshold": t, "batch_size": batch, "requests": len(samples),
         "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
@@ -337,6 +346,11 @@ def run_bench(target: Target, settings: Settings, *, via: str | None = None, add
     via = via or ("grpc" if address else "inprocess")
     if via not in ("inprocess", "grpc"):
         raise PonderError(f"--via must be inprocess or grpc, got {via!r}")
+    if tls_ca is not None and not address:
+        raise PonderError("--tls-ca is for connecting to a server at --address")
+    if threads is not None and address:
+        raise PonderError("--threads sets ONNX Runtime's threads here or in the server ponder bench starts; the "
+                          "server at --address chose its own")
     if via == "inprocess":
         if address:
             raise PonderError("--address is for --via grpc")
@@ -361,7 +375,7 @@ def run_bench(target: Target, settings: Settings, *, via: str | None = None, add
 
 def _measure(runner: Any, target: Target, settings: Settings, progress: bool, address: str | None) -> dict:
     try:
-        seq_len = settings.seq_len or runner.max_seq_len
+        seq_len = runner.max_seq_len if settings.seq_len is None else settings.seq_len
         if not 2 <= seq_len <= runner.max_seq_len:
             raise PonderError(f"--seq-len must be in [2, {runner.max_seq_len}] (the model's context), got {seq_len}")
         tokenizer = None
@@ -425,6 +439,8 @@ def write_report(report: dict[str, Any], out_dir: str | Path, stem: str = "bench
         plot_bench(report, tmp_png, title=title)
         os.replace(tmp_json, paths[0])
         os.replace(tmp_png, paths[1])
+    except OSError as exc:
+        raise PonderError(f"cannot write the report into {str(out)!r}: {exc.strerror or exc}") from None
     finally:
         tmp_json.unlink(missing_ok=True)
         tmp_png.unlink(missing_ok=True)

@@ -30,7 +30,7 @@ def plugin_dists(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def model_repository(tmp_path_factory) -> Path:
+def model_repository(tmp_path_factory, worker_id) -> Path:
     """A Triton-style repository for the serving tests, built from a real export of a small byte-level model:
 
     tiny/1 and tiny/2 (the same model), broken/1 (a file that is not ONNX), and `outside`, a link to a model
@@ -38,7 +38,11 @@ def model_repository(tmp_path_factory) -> Path:
     (the export takes half a minute); no test writes into it."""
     from filelock import FileLock
 
-    shared = tmp_path_factory.getbasetemp().parent  # the same folder for every worker of this run
+    if worker_id == "master":  # not under xdist: this run's own folder
+        root = tmp_path_factory.mktemp("model-repository")
+        _build_model_repository(root, tmp_path_factory.mktemp("model-elsewhere"))
+        return root
+    shared = tmp_path_factory.getbasetemp().parent  # under xdist: this run's folder, the same for every worker
     root = shared / "model-repository"
     with FileLock(str(shared / "model-repository.lock")):
         if not (shared / "model-repository.done").exists():

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run_ponder(*args: str, paths=(), env=None, check=True) -> subprocess.CompletedProcess:
@@ -70,3 +71,16 @@ seed = 3
 {extra}
 """)
     return config
+
+
+def servers_on(repository: Path) -> list[int]:
+    """Processes still serving ``repository`` (there must be none once the demo has returned)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in cmdline and str(repository).encode() in cmdline:
+            found.append(int(proc.name))
+    return found

@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import run_ponder
+from helpers import run_ponder, servers_on
 
 from ponder.errors import PonderError
 from ponder.serve.bench import Settings, bench_text, resolve_target, run_bench, sequences
@@ -42,9 +42,10 @@ def test_inprocess_figures_are_consistent_and_perplexity_is_the_models(model_rep
     from ponder.serve.engine import Engine
 
     target = resolve_target(str(model_repository), "tiny")
-    settings = Settings(thresholds=[0.3, 0.6], batch_sizes=[1, 2], requests=6, warmup=1, seq_len=16)
+    settings = Settings(thresholds=[0.3, 0.6], batch_sizes=[1, 2, 1], requests=6, warmup=1, seq_len=16)
     report = run_bench(target, settings, progress=False)
     rows = report["rows"]
+    # each batch size once (1 was given twice), full depth always measured
     assert [(r["batch_size"], r["threshold"]) for r in rows] == [(b, t) for b in (1, 2) for t in (0.3, 0.6, 1.0)]
     n_layers = report["n_layers"]
     for r in rows:
@@ -120,6 +121,9 @@ def test_bench_cli_writes_json_table_and_png(model_repository, tmp_path):
     (["-n", "0"], "--requests must be >= 1"),
     (["--seq-len", "999"], "--seq-len must be in [2, 32]"),
     (["--address", "127.0.0.1:1", "--via", "inprocess"], "--address is for --via grpc"),
+    (["--seq-len", "0"], "--seq-len must be in [2, 32]"),
+    (["--tls-ca", "ca.pem"], "--tls-ca is for connecting to a server at --address"),
+    (["--address", "127.0.0.1:1", "--threads", "2"], "the server at --address chose its own"),
 ])
 def test_bench_cli_bad_input(model_repository, tmp_path, args, message):
     proc = run_ponder("bench", str(model_repository / "tiny"), "--out", str(tmp_path), "--no-progress", *args,
@@ -139,3 +143,30 @@ def test_bench_cli_errors_name_what_is_missing(model_repository, tmp_path):
     unreachable = run_ponder("bench", "tiny", "--address", "127.0.0.1:1", "--no-progress", check=False)
     assert unreachable.returncode == 2 and "cannot reach 127.0.0.1:1" in unreachable.stderr
     assert "Traceback" not in missing.stderr + unserved.stderr + unreachable.stderr
+
+
+def test_sigterm_to_bench_stops_the_server_it_started(model_repository, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repository / "tiny", repo / "tiny")
+    bench = subprocess.Popen([sys.executable, "-m", "ponder", "bench", str(repo), "--via", "grpc", "-n", "100000",
+                              "--no-progress", "--out", str(tmp_path / "out")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not servers_on(repo) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert servers_on(repo), "the bench never started its server"
+        time.sleep(1.0)  # let it measure a little
+        bench.send_signal(signal.SIGTERM)
+        _, err = bench.communicate(timeout=60)
+    finally:
+        bench.kill()
+    assert bench.returncode == 128 + signal.SIGTERM
+    assert "Traceback" not in err
+    assert servers_on(repo) == []
+    assert not (tmp_path / "out" / "bench.json").exists()  # nothing half-written

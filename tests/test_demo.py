@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import run_ponder, write_tiny_config
+from helpers import run_ponder, servers_on, write_tiny_config
 
 from ponder.errors import PonderError
 
@@ -22,19 +22,6 @@ def _demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
          str(tmp_path / "run"), "--repository", str(tmp_path / "models"), "--name", "tiny", "--requests", "3",
          "--warmup", "1", "--no-progress", *args],
         capture_output=True, text=True, env=env, timeout=600)
-
-
-def _servers_on(repository: Path) -> list[int]:
-    """Processes still serving ``repository`` (there must be none once the demo has returned)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"serve" in cmdline and str(repository).encode() in cmdline:
-            found.append(int(proc.name))
-    return found
 
 
 def test_demo_trains_exports_serves_measures_and_stops(tmp_path):
@@ -72,16 +59,16 @@ def test_demo_trains_exports_serves_measures_and_stops(tmp_path):
     assert report["server_exit_status"] == 0
     with pytest.raises(ProcessLookupError):
         os.kill(report["server_pid"], 0)
-    assert _servers_on(tmp_path / "models") == []
+    assert servers_on(tmp_path / "models") == []
 
     # a second run reuses the model and the export, and measures again
     second = _demo(tmp_path)
     assert second.returncode == 0, second.stderr
-    assert "reusing the model trained in" in second.stdout and "exported from this checkpoint" in second.stdout
+    assert "reusing the model trained in" in second.stdout and "exported from these very weights" in second.stdout
     assert "exporting" not in second.stdout
     assert sorted(p.name for p in (tmp_path / "models" / "tiny").iterdir()) == ["1"]
     assert json.loads((run / "demo.json").read_text())["server_pid"] != report["server_pid"]
-    assert _servers_on(tmp_path / "models") == []
+    assert servers_on(tmp_path / "models") == []
 
 
 def test_an_unfinished_run_is_resumed(tmp_path):
@@ -97,9 +84,16 @@ def test_an_unfinished_run_is_resumed(tmp_path):
     shutil.rmtree(run / "checkpoints" / "step-00000004")
     (run / "latest").write_text("step-00000002")
     said: list[str] = []
-    ckpt = _train(DemoOptions(run_dir=tmp_path / "run", config=config, progress=False), said.append)
-    assert said[0].startswith(f"[1/4] resuming {tmp_path / 'run'} from step 2 to 4")
+    ckpt = _train(DemoOptions(run_dir=run, config=config, progress=False), load_config(config), said.append)
+    assert said[0].startswith(f"[1/4] resuming {run} from step 2 to 4")
     assert ckpt.name == "step-00000004"
+
+    # a run trained from another config is not reused in silence
+    other = tmp_path / "other.toml"
+    other.write_text(config.read_text().replace("n_layers = 3", "n_layers = 2"))
+    with pytest.raises(PonderError, match=r"holds a run whose config differs from the one asked for \(in model\); "
+                                          "pass --fresh"):
+        _train(DemoOptions(run_dir=run, config=other, progress=False), load_config(other), said.append)
 
 
 def test_fresh_refuses_to_delete_what_the_demo_did_not_write(tmp_path):
@@ -111,6 +105,18 @@ def test_fresh_refuses_to_delete_what_the_demo_did_not_write(tmp_path):
     assert proc.returncode == 2
     assert "--fresh would delete" in proc.stderr and "not a ponder run folder" in proc.stderr
     assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+def test_fresh_with_a_bad_config_deletes_nothing(tmp_path):
+    config = write_tiny_config(tmp_path, steps=2)
+    from ponder.config import load_config
+    from ponder.train import Trainer
+
+    Trainer(load_config(config), tmp_path / "run", progress=False).train()
+    (tmp_path / "bad.toml").write_text("[model]\nn_layers = 'many'\n")
+    proc = _demo(tmp_path, "--fresh", "--config", str(tmp_path / "bad.toml"))
+    assert proc.returncode == 2 and "n_layers" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "run" / "latest").is_file()
 
 
 def test_demo_bad_input_is_refused_before_any_work(tmp_path):
