@@ -146,51 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--tokens", type=int, default=32, help="how many tokens to generate (default: 32)")
     rn.set_defaults(handler=_run)
 
+    from ponder.demo import add_parser as add_demo_parser
     from ponder.serve.commands import add_parsers
 
     add_parsers(commands)  # serve, client, bench
-    _demo_parser(commands)
+    add_demo_parser(commands)
     return parser
-
-
-def _demo_parser(commands: Any) -> None:
-    from ponder.serve import DEFAULT_THRESHOLDS
-
-    de = commands.add_parser(
-        "demo", help="the main job end to end: train, export, serve, measure per threshold",
-        description="Train the demo model on the embedded corpus (a finished run is reused, an unfinished one "
-                    "resumed), export it with early exit into a model repository (reused when it was exported from "
-                    "that checkpoint), start `ponder serve` on 127.0.0.1, send the validation text at each "
-                    "threshold over gRPC, print a table (threshold, layers executed, mean token depth, p50 "
-                    "latency, speed-up against full depth, perplexity), write RUN/demo.json and RUN/demo.png, and "
-                    "stop the server. Offline; `make demo` runs it.")
-    source = de.add_mutually_exclusive_group()
-    source.add_argument("--preset", default="demo", help="a built-in config (default: demo)")
-    source.add_argument("--config", type=Path, help="your own run config (TOML) instead of the preset")
-    de.add_argument("--steps", type=int, help="train to this many steps (overrides train.steps)")
-    de.add_argument("--fresh", action="store_true", help="forget the run and its exports, and start over")
-    de.add_argument("--run-dir", type=Path, default=Path("runs/demo"), metavar="DIR",
-                    help="the run folder (default: runs/demo)")
-    de.add_argument("--repository", type=Path, default=Path("models"), metavar="ROOT",
-                    help="the model repository (default: models)")
-    de.add_argument("--name", default="demo", help="the model's name in the repository (default: demo)")
-    de.add_argument("--thresholds", "-t", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS), metavar="T",
-                    help="act_threshold values in (0, 1] (default: %(default)s; 1.0 is always added)")
-    de.add_argument("--requests", "-n", type=int, default=100, metavar="N",
-                    help="timed requests per threshold (default: 100)")
-    de.add_argument("--warmup", type=int, default=5, metavar="N", help="untimed requests per threshold (default: 5)")
-    de.add_argument("--no-progress", action="store_true", help="no progress bars")
-    de.set_defaults(handler=_demo)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from ponder.demo import DemoOptions, run_demo
-
-    options = DemoOptions(run_dir=args.run_dir, repository=args.repository, name=args.name, preset=args.preset,
-                          config=args.config, steps=args.steps, fresh=args.fresh, thresholds=args.thresholds,
-                          requests=args.requests, warmup=args.warmup, progress=not args.no_progress)
-    run_demo(options, say=lambda line: print(line, flush=True))
-    return 0
 
 
 def _export(args: argparse.Namespace) -> int:

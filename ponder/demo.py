@@ -17,13 +17,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from ponder.errors import PonderError
 from ponder.serve import DEFAULT_THRESHOLDS
-from ponder.serve.bench import Remote, Settings, format_table, machine, measure, served
+
+if TYPE_CHECKING:
+    import argparse
+
+    import numpy as np
+
+    from ponder.serve.bench import Remote
 
 DEMO_COLUMNS = ("threshold", "layers_executed", "mean_token_depth", "p50_ms", "speedup", "ideal_speedup",
                 "perplexity")
@@ -48,7 +52,7 @@ class DemoOptions:
 
 def run_demo(o: DemoOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole demo; returns its report (also written to RUN/demo.json, drawn in RUN/demo.png)."""
-    from ponder.serve.bench import write_report
+    from ponder.serve.bench import Settings, write_report
 
     Settings(thresholds=o.thresholds, batch_sizes=(1,), requests=o.requests, warmup=o.warmup).check()
     if o.steps is not None and o.steps < 1:
@@ -154,6 +158,8 @@ def _export(o: DemoOptions, ckpt: Path, say: Callable[[str], None]) -> str:
 
 
 def _serve_and_measure(o: DemoOptions, ckpt: Path, version: str, say: Callable[[str], None]) -> dict[str, Any]:
+    from ponder.serve.bench import Remote, Settings, machine, measure, served
+
     rows = _validation_rows(ckpt)
     settings = Settings(thresholds=o.thresholds, batch_sizes=(1,), requests=o.requests, warmup=o.warmup)
     with served(o.repository, workers=1) as (address, proc):
@@ -175,6 +181,8 @@ def _serve_and_measure(o: DemoOptions, ckpt: Path, version: str, say: Callable[[
 
 def _validation_rows(ckpt: Path) -> np.ndarray:
     """The run's own validation split as rows of seq_len + 1 token ids (what the model never trained on)."""
+    import numpy as np
+
     from ponder.checkpoint import read_config
     from ponder.config import parse_config
     from ponder.data import prepare_data, tokenizer_from_json
@@ -226,6 +234,8 @@ def _ticking(desc: str, enabled: bool) -> Iterator[None]:
 
 
 def _print_summary(report: dict[str, Any], say: Callable[[str], None]) -> None:
+    from ponder.serve.bench import format_table
+
     rows = report["rows"]
     say("")
     say(f"{report['model']}/{report['version']} served over gRPC, batch 1, {report['requests']} requests per "
@@ -243,3 +253,42 @@ def _print_summary(report: dict[str, Any], say: Callable[[str], None]) -> None:
             layers = s["token_layers"]
             say(f"threshold {s['threshold']:g}: {s['prompt']!r} -> {s['text']!r} (layers per token: mean "
                 f"{sum(layers) / len(layers):.2f}, min {min(layers)}, max {max(layers)})")
+
+
+# -- the command line -------------------------------------------------------------------------------------------
+
+def add_parser(commands: Any) -> None:
+    """``ponder demo``'s parser (building it imports nothing heavy)."""
+    de = commands.add_parser(
+        "demo", help="the main job end to end: train, export, serve, measure per threshold",
+        description="Train the demo model on the embedded corpus (a finished run is reused, an unfinished one "
+                    "resumed), export it with early exit into a model repository (reused when those very weights "
+                    "were exported before), start `ponder serve` on 127.0.0.1, send the validation text at each "
+                    "threshold over gRPC, print a table (threshold, layers executed, mean token depth, p50 "
+                    "latency, speed-up against full depth, perplexity), write RUN/demo.json and RUN/demo.png, and "
+                    "stop the server. Offline; `make demo` runs it.")
+    source = de.add_mutually_exclusive_group()
+    source.add_argument("--preset", default="demo", help="a built-in config (default: demo)")
+    source.add_argument("--config", type=Path, help="your own run config (TOML) instead of the preset")
+    de.add_argument("--steps", type=int, help="train to this many steps (overrides train.steps)")
+    de.add_argument("--fresh", action="store_true", help="forget the run and its exports, and start over")
+    de.add_argument("--run-dir", type=Path, default=Path("runs/demo"), metavar="DIR",
+                    help="the run folder (default: runs/demo)")
+    de.add_argument("--repository", type=Path, default=Path("models"), metavar="ROOT",
+                    help="the model repository (default: models)")
+    de.add_argument("--name", default="demo", help="the model's name in the repository (default: demo)")
+    de.add_argument("--thresholds", "-t", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS), metavar="T",
+                    help="act_threshold values in (0, 1] (default: %(default)s; 1.0 is always added)")
+    de.add_argument("--requests", "-n", type=int, default=100, metavar="N",
+                    help="timed requests per threshold (default: 100)")
+    de.add_argument("--warmup", type=int, default=5, metavar="N", help="untimed requests per threshold (default: 5)")
+    de.add_argument("--no-progress", action="store_true", help="no progress bars")
+    de.set_defaults(handler=_command)
+
+
+def _command(args: argparse.Namespace) -> int:
+    options = DemoOptions(run_dir=args.run_dir, repository=args.repository, name=args.name, preset=args.preset,
+                          config=args.config, steps=args.steps, fresh=args.fresh, thresholds=args.thresholds,
+                          requests=args.requests, warmup=args.warmup, progress=not args.no_progress)
+    run_demo(options, say=lambda line: print(line, flush=True))
+    return 0
