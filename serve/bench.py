@@ -102,12 +102,14 @@ class Sample:
     mean_depth: float
     compute_ms: float
     logits: np.ndarray | None  # dropped once scored
-    targets: np.ndarray
+    targets: np.ndarray | None
     nll: float = 0.0  # summed over the batch's tokens
+    tokens: int = 0
 
     def score(self) -> None:
-        if self.logits is not None:
-            self.nll, self.logits = _nll(self.logits, self.targets), None
+        if self.logits is not None and self.targets is not None:
+            self.nll, self.tokens = _nll(self.logits, self.targets), self.targets.size
+            self.logits = self.targets = None
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -289,17 +291,19 @@ def measure(runner: Callable[[np.ndarray, np.ndarray, float], Sample], n_layers:
     out: list[dict[str, Any]] = []
     with ThreadPoolExecutor(c) as pool, tqdm(total=total, desc="bench", unit="req", disable=not progress,
                                              file=sys.stderr, leave=False) as bar:
-        def run(batches: list[tuple[np.ndarray, np.ndarray]], t: float) -> list[Sample]:
-            if c == 1:
-                return [runner(ids, tg, t) for ids, tg in batches]
-            return list(pool.map(lambda b: runner(b[0], b[1], t), batches))
+        def run(b: int, indices: range, t: float) -> list[Sample]:
+            """Requests ``indices`` at batch size ``b``: request i takes rows i*b .. i*b+b-1 (wrapping), so every
+            threshold sees the same sequences. Built per request, so --requests does not cost memory."""
+            def one(i: int) -> Sample:
+                picks = np.arange(i * b, (i + 1) * b) % len(rows)
+                return runner(rows[picks, :-1], rows[picks, 1:], t)
+
+            return [one(i) for i in indices] if c == 1 else list(pool.map(one, indices))
 
         for b in dict.fromkeys(settings.batch_sizes):  # each batch size once, in the order given
-            picks = [np.arange(i * b, (i + 1) * b) % len(rows) for i in range(n)]
-            batches = [(rows[p, :-1], rows[p, 1:]) for p in picks]
-            warm = [batches[i % n] for i in range(settings.warmup)]
+            warm = range(settings.warmup)
             for t in thresholds:
-                run(warm, t)
+                run(b, warm, t)
                 bar.update(len(warm))
             samples: dict[float, list[Sample]] = {t: [] for t in thresholds}
             wall = dict.fromkeys(thresholds, 0.0)
@@ -307,7 +311,7 @@ def measure(runner: Callable[[np.ndarray, np.ndarray, float], Sample], n_layers:
                 k = r % len(thresholds)
                 for t in thresholds[k:] + thresholds[:k]:
                     start = time.perf_counter()
-                    done = run(batches[lo:lo + block], t)
+                    done = run(b, range(lo, min(lo + block, n)), t)
                     wall[t] += time.perf_counter() - start
                     for sample in done:  # the perplexity maths stays out of the timed block
                         sample.score()
@@ -326,7 +330,7 @@ def _summary(t: float, batch: int, samples: list[Sample], wall: float, n_layers:
     ms = np.array([s.ms for s in samples])
     layers = float(np.mean([s.layers for s in samples]))
     depth = float(np.mean([s.mean_depth for s in samples]))
-    nll, tokens = sum(s.nll for s in samples), sum(s.targets.size for s in samples)
+    nll, tokens = sum(s.nll for s in samples), sum(s.tokens for s in samples)
     return {
         "threshold": t, "batch_size": batch, "requests": len(samples),
         "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
