@@ -11,6 +11,14 @@ import pytest
 
 DISTS = Path(__file__).parent / "plugin_dists"
 
+# Tests that export a model (the dynamo exporter takes 20-40 s each) start first, so the two xdist workers end
+# together on the many short tests instead of one waiting while the other finishes a long export.
+LONG_FIRST = ("test_export.py", "test_demo.py", "test_examples.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONG_FIRST)  # stable: the order within each group stays
+
 
 @pytest.fixture(scope="session")
 def plugin_dists(tmp_path_factory) -> dict[str, Path]:
