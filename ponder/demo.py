@@ -62,17 +62,17 @@ def run_demo(o: DemoOptions, say: Callable[[str], None] = print) -> dict[str, An
     from ponder.config import load_config
 
     run = load_config(o.config) if o.config else load_config(preset=o.preset)  # checked before anything is removed
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
+    marks = [time.perf_counter()]
     if o.fresh:
         _forget(o, say)
     ckpt = _train(o, run, say)
-    timings["train_s"] = time.perf_counter() - start
+    marks.append(time.perf_counter())
     version = _export(o, ckpt, say)
-    timings["export_s"] = time.perf_counter() - start - timings["train_s"]
+    marks.append(time.perf_counter())
     report = _serve_and_measure(o, ckpt, version, say)
-    timings["serve_s"] = time.perf_counter() - start - timings["train_s"] - timings["export_s"]
-    timings["total_s"] = time.perf_counter() - start
+    marks.append(time.perf_counter())
+    timings = {f"{step}_s": b - a for step, a, b in zip(("train", "export", "serve"), marks, marks[1:], strict=False)}
+    timings["total_s"] = marks[-1] - marks[0]
     report["timings"] = timings
     paths = write_report(report, o.run_dir, stem="demo",
                          title=f"ponder demo: {o.name}/{version} through ponder serve (gRPC), batch 1")
@@ -137,13 +137,13 @@ def _train(o: DemoOptions, run: Any, say: Callable[[str], None]) -> Path:
 
 def _export(o: DemoOptions, ckpt: Path, say: Callable[[str], None]) -> str:
     from ponder.export import export_checkpoint, weights_digest
-    from ponder.serve.bench import _versions
+    from ponder.serve.bench import versions_in
     from ponder.serve.engine import read_metadata
 
     folder = o.repository / o.name
     if folder.is_dir():
         digest = weights_digest(ckpt)
-        for v in reversed(_versions(folder)):
+        for v in reversed(versions_in(folder)):
             if read_metadata(folder / str(v) / "model.onnx").get("source_weights_sha256") == digest:
                 say(f"[2/4] reusing {folder / str(v) / 'model.onnx'}, exported from these very weights")
                 return str(v)
@@ -181,20 +181,15 @@ def _serve_and_measure(o: DemoOptions, ckpt: Path, version: str, say: Callable[[
 
 def _validation_rows(ckpt: Path) -> np.ndarray:
     """The run's own validation split as rows of seq_len + 1 token ids (what the model never trained on)."""
-    import numpy as np
-
     from ponder.checkpoint import read_config
     from ponder.config import parse_config
     from ponder.data import prepare_data, tokenizer_from_json
+    from ponder.serve.bench import cut_rows
 
     saved = read_config(ckpt)
     run = parse_config(saved["run"])
     ids = prepare_data(run.data, tokenizer_from_json(saved["tokenizer"])).splits["valid"].numpy()
-    seq_len = min(run.train.seq_len, run.model.max_seq_len)
-    n = len(ids) // (seq_len + 1)
-    if n < 1:
-        raise PonderError(f"the validation split has {len(ids)} tokens, fewer than one sequence of {seq_len + 1}")
-    return ids[: n * (seq_len + 1)].reshape(n, seq_len + 1).astype(np.int64)
+    return cut_rows(ids, min(run.train.seq_len, run.model.max_seq_len), "the validation split")
 
 
 def _sample(runner: Remote, o: DemoOptions, threshold: float) -> dict[str, Any]:

@@ -50,7 +50,8 @@ class Target:
     version: str = ""               # "" means the newest
 
 
-def _versions(folder: Path) -> list[int]:
+def versions_in(folder: Path) -> list[int]:
+    """The version numbers under a model folder that hold a model.onnx, oldest first."""
     return sorted(int(d.name) for d in folder.iterdir()
                   if d.is_dir() and d.name.isdigit() and (d / "model.onnx").is_file())
 
@@ -74,11 +75,11 @@ def resolve_target(arg: str, model: str | None = None) -> Target:
         return _from_file(path)
     if (path / "model.onnx").is_file():
         return _from_file(path / "model.onnx")
-    if versions := _versions(path):
+    if versions := versions_in(path):
         return _from_file(path / str(versions[-1]) / "model.onnx")
     root = path.resolve()
     models = sorted(d.name for d in path.iterdir()  # not links out of the repository: the server skips those too
-                    if d.is_dir() and d.resolve().is_relative_to(root) and _versions(d))
+                    if d.is_dir() and d.resolve().is_relative_to(root) and versions_in(d))
     if not models:
         raise PonderError(f"{arg!r} holds no exported model: expected model.onnx, VERSION/model.onnx or "
                           "NAME/VERSION/model.onnx (as `ponder export --repository` writes)")
@@ -89,7 +90,7 @@ def resolve_target(arg: str, model: str | None = None) -> Target:
         model = models[0]
     if model not in models:
         raise PonderError(f"repository {arg!r} has no model {model!r}; it holds {', '.join(models)}")
-    return _from_file(path / model / str(_versions(path / model)[-1]) / "model.onnx")
+    return _from_file(path / model / str(versions_in(path / model)[-1]) / "model.onnx")
 
 
 @dataclass
@@ -272,11 +273,15 @@ def sequences(runner: Any, text: str, seq_len: int, tokenizer: Any = None) -> np
     else:
         raise PonderError("this model uses a word vocabulary; give its local model.onnx (with the config.json "
                           "beside it) so that its tokenizer can be read")
+    return cut_rows(ids, seq_len, "the bench text", "; give a longer --text-file or a smaller --seq-len")
+
+
+def cut_rows(ids: np.ndarray, seq_len: int, what: str, hint: str = "") -> np.ndarray:
+    """Token ids as rows of ``seq_len + 1`` (the remainder dropped); an error naming ``what`` if not one fits."""
     rows = len(ids) // (seq_len + 1)
     if rows < 1:
-        raise PonderError(f"the bench text has {len(ids)} tokens, fewer than one sequence of {seq_len + 1}; give a "
-                          "longer --text-file or a smaller --seq-len")
-    return ids[: rows * (seq_len + 1)].reshape(rows, seq_len + 1)
+        raise PonderError(f"{what} has {len(ids)} tokens, fewer than one sequence of {seq_len + 1}{hint}")
+    return np.asarray(ids[: rows * (seq_len + 1)], dtype=np.int64).reshape(rows, seq_len + 1)
 
 
 def measure(runner: Callable[[np.ndarray, np.ndarray, float], Sample], n_layers: int, rows: np.ndarray,
