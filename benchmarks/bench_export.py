@@ -1,12 +1,18 @@
 """Early exit in ONNX Runtime, measured: latency per threshold against full depth, next to the ideal.
 
     python benchmarks/bench_export.py [--checkpoint runs/demo] [--repeats 40] [--out benchmarks/results/export.json]
+                                      [--skip-compaction]
 
 In one run, on the demo model (trained if missing) and real validation text: at batch 1 and 8,
 ONNX Runtime latency at each threshold divided by the same graph's latency at threshold 1.0, next
 to the ideal ratio layers_executed / n_layers; the early-exit graph against an unrolled
 fixed-depth export at full depth; and ONNX Runtime against PyTorch eager. Medians of interleaved
 repeats.
+
+Compaction: the compacting export against the dense loop at every threshold and batch size, at
+each ``compaction_cutoff`` in CUTOFFS (one graph; 0.0 always dense, 1.0 always compacted), next
+to the ideal ``mean_token_depth / n_layers``; the cutoff with the least geometric-mean latency is
+reported as the best one for this machine (the default in ``ponder.model`` came from here).
 """
 
 from __future__ import annotations
@@ -42,12 +48,73 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+CUTOFFS = [0.0, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]  # 0.0: the compacting graph always dense; 1.0: always compacted
+
+
+def interleaved_ms(calls: dict, repeats: int) -> dict:
+    """Median ms of each call, timed round-robin so that drift on a shared machine hits them all alike."""
+    times = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def bench_compaction(loop, compact, chunks, args, n_layers: int, default_cutoff: float) -> dict:
+    """The compacting graph against the dense loop at every threshold, batch size and cutoff."""
+    cells = []
+    for batch in args.batch_sizes:
+        inputs = [chunks.batch(torch.arange(k * batch, (k + 1) * batch))[0].numpy() for k in range(4)]
+        for ids in inputs:
+            for t in THRESHOLDS:
+                thr = np.array(t, np.float32)
+                _, layers, depth = loop.run(None, {"input_ids": ids, "act_threshold": thr})
+                calls = {"dense": lambda f={"input_ids": ids, "act_threshold": thr}: loop.run(None, f)}
+                for c in CUTOFFS:
+                    feed = {"input_ids": ids, "act_threshold": thr, "compaction_cutoff": np.array(c, np.float32)}
+                    calls[c] = lambda f=feed: compact.run(None, f)
+                for fn in calls.values():  # warm-up
+                    fn()
+                ms = interleaved_ms(calls, max(5, args.repeats // 2))
+                cells.append({"batch_size": batch, "threshold": t, "layers_executed": int(layers),
+                              "mean_token_depth": float(depth.mean()), "dense_ms": ms.pop("dense"),
+                              "cutoff_ms": {str(c): v for c, v in ms.items()}})
+    # the cutoff that serves every cell best: least geometric-mean latency against the dense loop
+    def cost(c):
+        return statistics.geometric_mean(cell["cutoff_ms"][str(c)] / cell["dense_ms"] for cell in cells)
+
+    best = min(CUTOFFS[1:], key=cost)
+    rows = []
+    for batch in args.batch_sizes:
+        full = statistics.mean(c["dense_ms"] for c in cells if c["batch_size"] == batch and c["threshold"] == 1.0)
+        for t in THRESHOLDS:
+            group = [c for c in cells if c["batch_size"] == batch and c["threshold"] == t]
+            dense = statistics.mean(c["dense_ms"] for c in group)
+            auto = statistics.mean(c["cutoff_ms"][str(default_cutoff)] for c in group)
+            on = statistics.mean(c["cutoff_ms"]["1.0"] for c in group)
+            layers = statistics.mean(c["layers_executed"] for c in group)
+            depth = statistics.mean(c["mean_token_depth"] for c in group)
+            row = {"batch_size": batch, "threshold": t, "layers_executed": layers, "mean_token_depth": depth,
+                   "dense_ms": dense, "auto_ms": auto, "on_ms": on, "auto_vs_dense": auto / dense,
+                   "on_vs_dense": on / dense, "auto_vs_full_depth": auto / full, "ideal": depth / n_layers}
+            if t == 1.0:
+                row["goal"], row["meets_goal"] = 1.03, row["auto_vs_dense"] <= 1.03
+            elif batch >= 8 and depth < layers / 2:
+                row["goal"], row["meets_goal"] = 0.75, row["auto_vs_dense"] <= 0.75
+            rows.append(row)
+    return {"cutoffs": CUTOFFS, "default_cutoff": default_cutoff, "best_cutoff": best,
+            "geomean_vs_dense": {str(c): cost(c) for c in CUTOFFS}, "rows": rows, "cells": cells}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="runs/demo")
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--out", default="benchmarks/results/export.json")
+    parser.add_argument("--skip-compaction", action="store_true", help="leave out the compaction measurements")
     args = parser.parse_args(argv)
     ckpt = Path(args.checkpoint)
     if not (ckpt / "latest").exists() and not (ckpt / "config.json").exists():
@@ -56,12 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, run = load_model(ckpt)
     chunks = TokenChunks(prepare_data(run.data, tokenizer).splits["valid"], run.train.seq_len)
     n_layers = model.cfg.n_layers
-    rows, comparisons = [], []
+    rows, comparisons, compaction = [], [], None
     with tempfile.TemporaryDirectory() as tmp:
         print("exporting the early-exit graph and an unrolled fixed-depth one...", file=sys.stderr)
-        export_model(model, Path(tmp) / "loop.onnx")
+        export_model(model, Path(tmp) / "loop.onnx", compaction="off")
         export_model(model, Path(tmp) / "unrolled.onnx", unrolled=True)
         loop, unrolled = session(Path(tmp) / "loop.onnx"), session(Path(tmp) / "unrolled.onnx")
+        if not args.skip_compaction:
+            print("exporting the compacting graph...", file=sys.stderr)
+            export_model(model, Path(tmp) / "compact.onnx", compaction="auto")
+            # threads that do not busy-wait after a call, so two sessions timed in turn do not slow each other
+            compaction = bench_compaction(session(Path(tmp) / "loop.onnx", spin=False),
+                                          session(Path(tmp) / "compact.onnx", spin=False), chunks, args, n_layers,
+                                          model.compaction_cutoff)
         for batch in args.batch_sizes:
             # several different inputs, each timed at every threshold, so one lucky window does not decide
             inputs = [chunks.batch(torch.arange(k * batch, (k + 1) * batch))[0] for k in range(4)]
@@ -101,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "ort_speedup_over_eager_trained_threshold": eager_thr / ort_thr})
     report = {"ponder_version": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.machine(), "n_layers": n_layers, "seq_len": run.train.seq_len,
-              "thresholds": rows, "comparisons": comparisons}
+              "thresholds": rows, "comparisons": comparisons, "compaction": compaction}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -115,6 +189,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{c['full_depth_unrolled_ms']:.2f} ms (overhead {c['loop_overhead']:+.1%}); ORT vs eager "
               f"{c['ort_speedup_over_eager_full']:.2f}x at full depth, "
               f"{c['ort_speedup_over_eager_trained_threshold']:.2f}x at the trained threshold")
+    if compaction:
+        print(f"compaction (auto at cutoff {compaction['default_cutoff']:g}; the best cutoff measured here: "
+              f"{compaction['best_cutoff']:g}); ratios against the dense loop at the same threshold")
+        print(f"{'batch':>5} {'threshold':>9} {'layers':>6} {'depth':>5} {'dense ms':>8} {'auto ms':>8} {'auto':>6} "
+              f"{'on':>6} {'vs full':>7} {'ideal':>6} {'goal':>5}")
+        for r in compaction["rows"]:
+            goal = f"{r['goal']:>5.2f}{'' if r['meets_goal'] else ' MISS'}" if "goal" in r else ""
+            print(f"{r['batch_size']:>5} {r['threshold']:>9g} {r['layers_executed']:>6.2f} "
+                  f"{r['mean_token_depth']:>5.2f} "
+                  f"{r['dense_ms']:>8.2f} {r['auto_ms']:>8.2f} {r['auto_vs_dense']:>5.2f}x {r['on_vs_dense']:>5.2f}x "
+                  f"{r['auto_vs_full_depth']:>6.2f}x {r['ideal']:>5.2f}x {goal}")
     print(f"wrote {out}")
     return 0
 

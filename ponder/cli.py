@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--version", type=int, help="version folder (default: one past the highest there)")
     ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     ex.add_argument("--no-fold", action="store_true", help="keep DyT/ADyT affines in the graph")
+    ex.add_argument("--compaction", choices=["auto", "on", "off"], default="auto",
+                    help="run each layer on its running tokens only: 'auto' (default) where that is faster, chosen "
+                         "per layer in the graph; 'on' always; 'off' the dense layer loop")
     ex.add_argument("--skip-check", action="store_true",
                     help="write without comparing ONNX Runtime against PyTorch (not recommended)")
     ex.set_defaults(handler=_export)
@@ -162,7 +165,7 @@ def _export(args: argparse.Namespace) -> int:
     print(f"exporting {args.checkpoint} (checking against PyTorch: {not args.skip_check})...", file=sys.stderr)
     report = export_checkpoint(args.checkpoint, args.output, repository=args.repository, name=args.name,
                                version=args.version, opset=args.opset, check=not args.skip_check,
-                               fold=not args.no_fold)
+                               fold=not args.no_fold, compaction=args.compaction)
     if report.checks:
         worst = max(c["max_logit_diff"] for c in report.checks)
         layers = sorted({(c["threshold"], c["layers_executed"]) for c in report.checks})

@@ -144,11 +144,12 @@ def _export(o: DemoOptions, ckpt: Path, say: Callable[[str], None]) -> str:
     if folder.is_dir():
         digest = weights_digest(ckpt)
         for v in reversed(versions_in(folder)):
-            if read_metadata(folder / str(v) / "model.onnx").get("source_weights_sha256") == digest:
+            meta = read_metadata(folder / str(v) / "model.onnx")
+            if meta.get("source_weights_sha256") == digest and meta.get("compaction") == "auto":
                 say(f"[2/4] reusing {folder / str(v) / 'model.onnx'}, exported from these very weights")
                 return str(v)
     say(f"[2/4] exporting {ckpt} to ONNX with early exit inside the graph, checked against PyTorch "
-        "(about a minute on 2 cores)")
+        "(about 20 s on 2 cores)")
     with _ticking("export", o.progress):
         report = export_checkpoint(ckpt, repository=o.repository, name=o.name)
     worst = max((c["max_logit_diff"] for c in report.checks), default=float("nan"))

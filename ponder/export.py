@@ -1,29 +1,28 @@
 """ONNX export with early exit inside the graph.
 
-Each layer of the exported graph sits inside a ``torch.cond`` (an ONNX ``If``) that runs it only
-while some token is still running; once every token has halted, the remaining ``If`` nodes take
-their empty branch. The threshold is a graph input (``act_threshold``, optional: it defaults to
-the trained value), so it is set per call. Before anything is written the export is checked:
-``onnx.checker`` with ``full_check``, and ONNX Runtime against PyTorch at thresholds
-{0.5, 0.9, 0.99, 1.0} (logits within 1e-4, the same layer counts and token depths).
+Each layer after the first sits inside an ONNX ``If`` that runs it only while some token is still
+running; once every token has halted, the remaining ``If`` nodes take their empty branch. The
+threshold is a graph input (``act_threshold``, optional: it defaults to the trained value), so it
+is set per call. With compaction ("auto", the default, or "on") a running layer also chooses in
+the graph between the dense step and the compacted one, which computes only the rows of tokens
+still running (``ponder.model.compacted_step``), by the optional input ``compaction_cutoff``.
+The graph is assembled from small traced pieces (``ponder.graph``). Before anything is written
+the export is checked: ``onnx.checker`` with ``full_check``, and ONNX Runtime against PyTorch at
+thresholds {0.5, 0.9, 0.99, 1.0} and, with compaction, at cutoffs {default, 0.0, 1.0} (logits
+within 1e-4, the same layer counts and token depths).
 
 DyT/ADyT layers are folded for inference: their per-channel scale and shift move into the next
 linear layer, so each costs a multiply and a tanh in the graph (ADyT's alpha is the one its
 frozen gradient norm gives, as in eval).
 """
-
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
-import logging
 import os
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,7 @@ from torch import Tensor, nn
 
 from ponder import __version__
 from ponder.errors import PonderError
-from ponder.model import PonderLM, attention_mask, rope_tables
-from ponder.plugins.halt.rules import HaltState
+from ponder.model import COMPACTION_MODES, PonderLM
 
 CHECK_THRESHOLDS = (0.5, 0.9, 0.99, 1.0)
 LOGITS_TOLERANCE = 1e-4
@@ -84,43 +82,6 @@ def fold_norms(model: PonderLM) -> PonderLM:
     return model
 
 
-class EarlyExitGraph(nn.Module):
-    """The exportable form of a :class:`PonderLM`: ``(input_ids, act_threshold) -> (logits,
-    layers_executed, token_depth)``, each layer behind a ``torch.cond`` on "any token running".
-    ``unrolled=True`` runs every layer unconditionally (the fixed-depth baseline of the benchmark)."""
-
-    def __init__(self, model: PonderLM, *, fold: bool = True, unrolled: bool = False) -> None:
-        super().__init__()
-        self.model = fold_norms(model) if fold else copy.deepcopy(model).eval()
-        self.unrolled = unrolled
-        cfg = model.cfg
-        self.head_dim = cfg.d_model // cfg.n_heads
-        self.rope_base = model.dials.value("rope_base")
-        self.window = model.dials["attn_window"].as_int()
-
-    def forward(self, input_ids: Tensor, act_threshold: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        m = self.model
-        t = input_ids.shape[1]
-        cos, sin = rope_tables(t, self.head_dim, self.rope_base, input_ids.device)
-        mask = attention_mask(t, m.cfg.n_heads, m.cfg.n_local_heads, self.window, input_ids.device)
-        halting = m.halting
-        st = halting.init_state(m.embed(input_ids))
-        carry = (st.halted, st.cum, st.depth, st.output, st.hidden, torch.zeros((), dtype=torch.int64))
-        for i, block in enumerate(m.blocks):
-
-            def run(halted, cum, depth, output, hidden, layers, block=block, i=i):
-                s = block(hidden, cos, sin, mask)
-                new = halting.step(HaltState(halted, cum, depth, output, hidden, cum, cum), s, i, act_threshold)
-                return new.halted, new.cum, new.depth, new.output, new.hidden, layers + 1
-
-            def skip(halted, cum, depth, output, hidden, layers):
-                return halted.clone(), cum.clone(), depth.clone(), output.clone(), hidden.clone(), layers.clone()
-
-            carry = run(*carry) if self.unrolled else torch.cond(~carry[0].all(), run, skip, carry)
-        halted, cum, depth, output, hidden, layers = carry
-        return m.head(m.norm_final(output)), layers, depth.to(torch.int64)
-
-
 @dataclass
 class ExportReport:
     """What an export wrote and what its check measured."""
@@ -135,33 +96,19 @@ def _describe(model: PonderLM) -> str:
     return f"norm {model.norm_spec.name!r}, halting {model.halting_spec.name!r}"
 
 
-def _torch_export(graph: EarlyExitGraph, path: Path, opset: int) -> None:
-    cfg = graph.model.cfg
-    ids = torch.zeros((2, min(16, cfg.max_seq_len)), dtype=torch.int64)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    seq = torch.export.Dim("seq", min=2, max=max(2, cfg.max_seq_len))
-    logging.disable(logging.WARNING)  # the exporter's progress chatter; real failures still raise
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(graph, (ids, torch.tensor(0.9)), str(path),
-                              input_names=["input_ids", "act_threshold"],
-                              output_names=["logits", "layers_executed", "token_depth"], opset_version=opset,
-                              dynamic_shapes={"input_ids": {0: batch, 1: seq}, "act_threshold": None},
-                              dynamo=True, external_data=False)
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def _finish(path: Path, model: PonderLM, metadata: dict[str, Any]) -> None:
-    """Make ``act_threshold`` optional (an initializer with the trained value) and add metadata."""
+def _finish(path: Path, model: PonderLM, metadata: dict[str, Any], cutoff: float | None) -> None:
+    """Make ``act_threshold`` (and ``compaction_cutoff``) optional: initializers with the default
+    value. Add the metadata."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
     proto = onnx.load(str(path))
-    default = np.array(model.dials.value("act_threshold"), dtype=np.float32)
-    proto.graph.initializer.append(numpy_helper.from_array(default, "act_threshold"))
+    defaults = {"act_threshold": model.dials.value("act_threshold"), "compaction_cutoff": cutoff}
+    present = {init.name for init in proto.graph.initializer}
+    for name, value in defaults.items():
+        if value is not None and name not in present:
+            proto.graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.float32), name))
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
@@ -169,36 +116,51 @@ def _finish(path: Path, model: PonderLM, metadata: dict[str, Any]) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def session(path: str | Path, threads: int | None = None) -> Any:
-    """An ONNX Runtime session on the CPU for an exported model."""
+def session(path: str | Path, threads: int | None = None, spin: bool = True) -> Any:
+    """An ONNX Runtime session on the CPU for an exported model. ``spin=False`` stops its threads
+    from busy-waiting after a call: needed to time several sessions interleaved fairly."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def check_parity(model: PonderLM, path: Path, samples: list[Tensor],
-                 thresholds: tuple[float, ...] = CHECK_THRESHOLDS) -> list[dict[str, Any]]:
-    """ONNX Runtime against PyTorch on ``samples`` at each threshold; raises ExportError on a mismatch."""
+def check_parity(model: PonderLM, path: Path, samples: list[Tensor], thresholds: tuple[float, ...] = CHECK_THRESHOLDS,
+                 cutoffs: tuple[float | None, ...] = (None,)) -> list[dict[str, Any]]:
+    """ONNX Runtime against PyTorch on ``samples`` at each threshold (and, for a compacting graph,
+    each ``compaction_cutoff``: 0.0 forces the dense step, 1.0 the compacted one); PyTorch runs the
+    same steps. Raises ExportError on a mismatch."""
     import numpy as np
 
     sess = session(path)
     checks = []
-    for ids in samples:
-        for threshold in thresholds:
-            with torch.no_grad():
-                ref = model(ids, threshold=threshold)
-            logits, layers, depth = sess.run(None, {"input_ids": ids.numpy(),
-                                                    "act_threshold": np.array(threshold, dtype=np.float32)})
-            diff = float(np.abs(logits - ref.logits.numpy()).max())
-            check = {"shape": list(ids.shape), "threshold": threshold, "max_logit_diff": diff,
-                     "layers_executed": int(layers), "torch_layers_executed": ref.layers_executed,
-                     "depth_equal": bool((depth == ref.depth.numpy()).all())}
-            checks.append(check)
-            if diff > LOGITS_TOLERANCE or check["layers_executed"] != ref.layers_executed or not check["depth_equal"]:
-                raise ExportError(f"the exported graph disagrees with PyTorch ({_describe(model)}): {check}")
+    saved = model.compaction, model.compaction_cutoff
+    try:
+        for ids in samples:
+            for cutoff in cutoffs:
+                model.compaction, model.compaction_cutoff = ("off", saved[1]) if cutoff is None else ("auto", cutoff)
+                for threshold in thresholds:
+                    with torch.no_grad():
+                        ref = model(ids, threshold=threshold)
+                    feed = {"input_ids": ids.numpy(), "act_threshold": np.array(threshold, dtype=np.float32)}
+                    if cutoff is not None:
+                        feed["compaction_cutoff"] = np.array(cutoff, dtype=np.float32)
+                    logits, layers, depth = sess.run(None, feed)
+                    diff = float(np.abs(logits - ref.logits.numpy()).max())
+                    check = {"shape": list(ids.shape), "threshold": threshold, "compaction_cutoff": cutoff,
+                             "max_logit_diff": diff, "layers_executed": int(layers),
+                             "torch_layers_executed": ref.layers_executed,
+                             "depth_equal": bool((depth == ref.depth.numpy()).all())}
+                    checks.append(check)
+                    if (diff > LOGITS_TOLERANCE or check["layers_executed"] != ref.layers_executed
+                            or not check["depth_equal"]):
+                        raise ExportError(f"the exported graph disagrees with PyTorch ({_describe(model)}): {check}")
+    finally:
+        model.compaction, model.compaction_cutoff = saved
     return checks
 
 
@@ -215,24 +177,49 @@ def sample_inputs(model: PonderLM, corpus_ids: Tensor | None = None) -> list[Ten
     return [a.long(), b.long()]
 
 
+def _check_compaction(compaction: str) -> None:
+    if compaction not in COMPACTION_MODES:
+        raise ExportError(f"compaction must be one of {', '.join(COMPACTION_MODES)}, got {compaction!r}")
+
+
+def compaction_cutoff(model: PonderLM, compaction: str) -> float | None:
+    """The graph's default ``compaction_cutoff``: none without compaction, 1.0 (always) for "on",
+    the model's measured cutoff for "auto"."""
+    _check_compaction(compaction)
+    return {"off": None, "on": 1.0, "auto": model.compaction_cutoff}[compaction]
+
+
 def export_model(model: PonderLM, path: str | Path, *, metadata: dict[str, Any] | None = None,
                  opset: int = DEFAULT_OPSET, check: bool = True, fold: bool = True, unrolled: bool = False,
-                 samples: list[Tensor] | None = None) -> ExportReport:
-    """Export ``model`` to ``path`` (checked, then moved into place: no partial file on failure)."""
+                 samples: list[Tensor] | None = None, compaction: str = "auto") -> ExportReport:
+    """Export ``model`` to ``path`` (checked, then moved into place: no partial file on failure).
+
+    ``compaction`` "on" or "auto" adds the compacted layer step (running tokens only) and the
+    optional input ``compaction_cutoff`` (default 1.0 for "on", the measured cutoff for "auto")."""
     started = time.perf_counter()
     path = Path(path)
     model = model.cpu().eval()
+    compaction = "off" if unrolled else compaction
+    cutoff = compaction_cutoff(model, compaction)
     _writable(path.parent)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".ponder-export-") as tmp:
         staged = Path(tmp) / "model.onnx"
         try:
-            _torch_export(EarlyExitGraph(model, fold=fold, unrolled=unrolled), staged, opset)
+            import onnx
+
+            from ponder.graph import build
+
+            folded = fold_norms(model) if fold else copy.deepcopy(model).eval()
+            onnx.save(build(folded, compaction, cutoff, opset, unrolled=unrolled), str(staged))
         except Exception as exc:  # the exporter's own errors are long; keep the cause, name the plugins
             summary = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"could not export the model ({_describe(model)}): {type(exc).__name__}: "
                               f"{summary[:300]}") from exc
-        _finish(staged, model, {**_metadata(model), **(metadata or {})})
-        checks = check_parity(model, staged, samples or sample_inputs(model)) if check and not unrolled else []
+        compaction_meta = {"compaction": compaction, "compaction_cutoff": "" if cutoff is None else str(cutoff)}
+        _finish(staged, model, {**_metadata(model), **compaction_meta, **(metadata or {})}, cutoff)
+        cutoffs = (None,) if cutoff is None else tuple(dict.fromkeys((cutoff, 0.0, 1.0)))
+        checks = check_parity(model, staged, samples or sample_inputs(model), cutoffs=cutoffs) \
+            if check and not unrolled else []
         os.replace(staged, path)
     return ExportReport(path, opset, checks, time.perf_counter() - started)
 
@@ -277,7 +264,7 @@ def weights_digest(ckpt: Path) -> str:
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, *, repository: str | Path | None = None,
                       name: str | None = None, version: int | None = None, opset: int = DEFAULT_OPSET,
-                      check: bool = True, fold: bool = True) -> ExportReport:
+                      check: bool = True, fold: bool = True, compaction: str = "auto") -> ExportReport:
     """Export a checkpoint to a lone file (``output``) or into a model repository laid out like
     Triton's: ``repository/name/version/model.onnx`` with a ``config.json`` beside it."""
     from ponder.checkpoint import load_model, resolve
@@ -285,6 +272,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
 
     if (output is None) == (repository is None):
         raise ExportError("give either an output file (-o FILE) or --repository ROOT --name NAME")
+    _check_compaction(compaction)  # before the slow part
     ckpt = resolve(checkpoint)
     model, tokenizer, run = load_model(ckpt)
     try:
@@ -296,7 +284,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
     metadata = {"tokenizer": {"kind": tokenizer_json["kind"], "vocab_size": tokenizer.vocab_size},
                 "source_checkpoint": str(ckpt), "source_weights_sha256": weights_digest(ckpt)}
     if output is not None:
-        report = export_model(model, output, metadata=metadata, opset=opset, check=check, fold=fold, samples=samples)
+        report = export_model(model, output, metadata=metadata, opset=opset, check=check, fold=fold, samples=samples,
+                              compaction=compaction)
         if tokenizer_json["kind"] != "byte":
             config_path = Path(output).with_suffix(".json")
             config_path.write_text(json.dumps(_serving_config(model, tokenizer_json, name=Path(output).stem), indent=1))
@@ -316,7 +305,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{version}-"))
     try:
         report = export_model(model, staging / "model.onnx", metadata=metadata, opset=opset, check=check, fold=fold,
-                              samples=samples)
+                              samples=samples, compaction=compaction)
         config = _serving_config(model, tokenizer_json, name=name, version=version)
         (staging / "config.json").write_text(json.dumps(config, indent=1) + "\n")
         os.replace(staging, final)

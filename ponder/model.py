@@ -9,6 +9,7 @@ token in the batch has halted, so ``layers_executed`` is the deepest token's dep
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from ponder import registry
 from ponder.config import ModelConfig, PluginSpec
 from ponder.dials import Dial, Dials
+from ponder.plugins.halt.rules import HaltState
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
@@ -44,6 +46,40 @@ def attention_mask(seq_len: int, n_heads: int, n_local: int, window: int, device
     return (is_local & local) | (~is_local & causal)  # boolean logic, not where(): ONNX Runtime has no bool Where
 
 
+class Rows(NamedTuple):
+    """The positions a compacted layer computes: in each batch row its running tokens first, ``n``
+    per row (the largest running count; shorter rows are padded with halted tokens, which the
+    halting step leaves unchanged)."""
+
+    pos: Tensor  # [B, n] positions
+    flat: Tensor  # [B * n] the same, as row indices of the flattened [B * T]
+    mask: Tensor  # [B, n_heads, n, T] attention mask of those query rows
+
+    @classmethod
+    def running(cls, halted: Tensor, n: int, mask: Tensor) -> Rows:
+        """The rows for the tokens not ``halted`` ([B, T]); ``mask`` is the layer's [n_heads, T, T] mask."""
+        b, t = halted.shape
+        pos = torch.topk((~halted).to(torch.float32), n, dim=1).indices  # running (1.0) before halted (0.0)
+        flat = (pos + torch.arange(b, device=pos.device)[:, None] * t).reshape(-1)
+        rows_mask = mask.index_select(1, pos.reshape(-1)).view(mask.shape[0], b, n, t).transpose(0, 1)
+        return cls(pos, flat, rows_mask)
+
+    def take(self, x: Tensor) -> Tensor:
+        """``[B, T, ...] -> [B, n, ...]`` (a row Gather)."""
+        b, n = self.pos.shape
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.flat).view(b, n, *x.shape[2:])
+
+    def put(self, full: Tensor, part: Tensor) -> Tensor:
+        """``full`` with the rows replaced by ``part`` (a ScatterND)."""
+        flat_full = full.reshape(-1, *full.shape[2:])
+        return flat_full.index_put((self.flat,), part.reshape(-1, *full.shape[2:])).view(full.shape)
+
+    def table(self, x: Tensor) -> Tensor:
+        """A per-position table ``[T, k]`` (RoPE) at the rows: ``[B, 1, n, k]``."""
+        b, n = self.pos.shape
+        return x.index_select(0, self.pos.reshape(-1)).view(b, 1, n, x.shape[-1])
+
+
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int) -> None:
         super().__init__()
@@ -56,6 +92,20 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+    def forward_rows(self, x: Tensor, rows: Tensor, cos: Tensor, sin: Tensor, rows_cos: Tensor, rows_sin: Tensor,
+                     rows_mask: Tensor) -> Tensor:
+        """Attention output for the query rows ``rows`` ([B, n, d], normed) only; keys and values
+        still come from every position of ``x`` ([B, T, d], normed)."""
+        b, t, d = x.shape
+        n, h = rows.shape[1], self.n_heads
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(rows, weight[:d], None if bias is None else bias[:d]).view(b, n, h, d // h).transpose(1, 2)
+        kv = F.linear(x, weight[d:], None if bias is None else bias[d:]).view(b, t, 2, h, d // h)
+        k, v = kv.permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(apply_rope(q, rows_cos, rows_sin), apply_rope(k, cos, sin), v,
+                                           attn_mask=rows_mask)
+        return self.proj(y.transpose(1, 2).reshape(b, n, d))
 
 
 class Block(nn.Module):
@@ -72,9 +122,36 @@ class Block(nn.Module):
         x = x + self.attn(self.norm_attn(x), cos, sin, mask)
         return x + self.mlp(self.norm_ffn(x))
 
+    def forward_rows(self, x: Tensor, xr: Tensor, rows: Rows, cos: Tensor, sin: Tensor) -> Tensor:
+        """The block's output for ``rows`` of ``x`` only ([B, n, d]; ``xr`` holds them already):
+        every position is normed for the keys and values, the rest (query, projection, MLP) runs
+        on the rows alone."""
+        h = self.norm_attn(x)
+        xr = xr + self.attn.forward_rows(h, rows.take(h), cos, sin, rows.table(cos), rows.table(sin), rows.mask)
+        return xr + self.mlp(self.norm_ffn(xr))
+
 
 def make_norm(spec: PluginSpec, d_model: int, position: str) -> nn.Module:
     return registry.create("norm", spec.name, d_model, position=position, **spec.params_for(position))
+
+
+COMPACTION_MODES = ("auto", "on", "off")
+# auto compacts a layer when its rows to compute are at most this share of the sequence: below it the
+# compacted step wins, above it the fixed cost (keys and values for every token, gather, scatter) loses.
+# Measured with benchmarks/bench_export.py (docs/export.md).
+DEFAULT_COMPACTION_CUTOFF = 0.5
+
+
+def compacted_step(block: Block, halting: nn.Module, state: HaltState, layer: int | Tensor,
+                   threshold: float | Tensor, cos: Tensor, sin: Tensor, rows: Rows) -> tuple[HaltState, Tensor]:
+    """One layer and halting step computed for ``rows`` only; every other token has halted, so the
+    dense step would leave it unchanged. Returns the new state and the rows' block outputs."""
+    taken = HaltState(*(rows.take(field) for field in state))
+    s = block.forward_rows(state.hidden, taken.hidden, rows, cos, sin)
+    new = halting.step(taken, s, layer, threshold)
+    merged = [rows.put(full, part) for full, part in zip(state, new, strict=True)]
+    merged[5] = rows.put(torch.zeros_like(state.weight), new.weight)  # this layer's weight: 0 unless run
+    return HaltState(*merged), s
 
 
 @dataclass
@@ -101,6 +178,8 @@ class PonderLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, self.norm_spec) for _ in range(cfg.n_layers))
         self.norm_final = make_norm(self.norm_spec, cfg.d_model, "final")
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.compaction = "auto"  # in eval: run a layer on its running tokens only ("on", "auto", "off")
+        self.compaction_cutoff = DEFAULT_COMPACTION_CUTOFF
         self.apply(_init_weights)
         # created after the init above so the rule keeps its own (e.g. a negative halting bias)
         self.halting = registry.create("halting", self.halting_spec.name, cfg.d_model, cfg.n_layers,
@@ -129,9 +208,16 @@ class PonderLM(nn.Module):
         per_layer = halting.per_layer_task_loss and targets is not None
         expected_task = input_ids.new_zeros((b, t), dtype=state.cum.dtype)
         layers = 0
+        compacting = not self.training and self.compaction != "off"
         for i, block in enumerate(self.blocks):
-            s = block(state.hidden, cos, sin, mask)
-            state = halting.step(state, s, i, threshold)
+            rows = self.compact_rows(state.halted, mask) if compacting and i > 0 else None  # layer 0: all run
+            if rows is None:
+                s = block(state.hidden, cos, sin, mask)
+                state = halting.step(state, s, i, threshold)
+            else:
+                state, s_rows = compacted_step(block, halting, state, i, threshold, cos, sin, rows)
+                if per_layer:  # tokens outside the rows have weight 0 this layer
+                    s = rows.put(torch.zeros_like(state.hidden), s_rows)
             layers = i + 1
             if per_layer:
                 expected_task = expected_task + state.weight * _token_ce(self.head(self.norm_final(s)), targets)
@@ -145,6 +231,19 @@ class PonderLM(nn.Module):
             out.halt_loss = halting.loss(state)
             out.loss = out.task_loss + out.halt_loss
         return out
+
+    def compact_rows(self, halted: Tensor, mask: Tensor) -> Rows | None:
+        """The rows a compacted step would compute for the running tokens, or None when this layer
+        runs densely (compaction "off", or "auto" with more rows than the cutoff share)."""
+        most = (~halted).sum(1).max()
+        n = int(most)
+        if self.compaction == "off" or n == 0:
+            return None
+        # the share in float32, as the exported graph computes it, so both choose alike at the cutoff
+        share = most.to(torch.float32) / halted.shape[1]
+        if self.compaction == "auto" and not bool(share <= torch.tensor(self.compaction_cutoff, dtype=torch.float32)):
+            return None
+        return Rows.running(halted, n, mask)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -15,8 +15,8 @@ from torch import nn
 
 from ponder import export, registry
 from ponder.config import ModelConfig, PluginSpec, load_config
-from ponder.export import EarlyExitGraph, ExportError, export_model, fold_norms
-from ponder.model import PonderLM
+from ponder.export import ExportError, export_model, fold_norms
+from ponder.model import DEFAULT_COMPACTION_CUTOFF, PonderLM
 from ponder.registry import Registry, hookimpl
 from ponder.serve.engine import Engine, read_metadata
 from ponder.train import Trainer
@@ -37,8 +37,8 @@ def tiny(norm: str, halting: str, seed: int = 0) -> PonderLM:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.3)
-        if halting != "fixed":
-            model.halting.weight.normal_(0.0, 0.3)
+        if halting != "fixed":  # halting units that tell tokens apart: they halt at different depths per row
+            model.halting.weight.normal_(0.0, 5.0)
     return model.eval()
 
 
@@ -50,9 +50,12 @@ def samples():
 @pytest.mark.parametrize("halting", HALTING)
 @pytest.mark.parametrize("norm", NORMS)
 def test_parity_for_every_norm_and_halting_plugin(tmp_path, norm, halting):
+    """One compacting export checks all three ways a layer can run, through ``compaction_cutoff``:
+    0.0 (always dense, as "off"), 1.0 (always compacted, as "on") and the default (auto)."""
     model = tiny(norm, halting)
-    report = export_model(model, tmp_path / "m.onnx", samples=samples())
-    assert len(report.checks) == 3 * 4  # three shapes (dynamic batch and length) x four thresholds
+    report = export_model(model, tmp_path / "m.onnx", samples=samples(), compaction="auto")
+    assert len(report.checks) == 3 * 3 * 4  # three shapes (dynamic batch and length) x three cutoffs x four thresholds
+    assert {c["compaction_cutoff"] for c in report.checks} == {0.0, 1.0, DEFAULT_COMPACTION_CUTOFF}
     assert all(c["max_logit_diff"] <= 1e-4 and c["depth_equal"] for c in report.checks)
     assert all(c["layers_executed"] == c["torch_layers_executed"] for c in report.checks)
     full = [c for c in report.checks if c["threshold"] == 1.0]
@@ -62,9 +65,49 @@ def test_parity_for_every_norm_and_halting_plugin(tmp_path, norm, halting):
     onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)
 
 
+def _ran(sess_path, feed) -> set[str]:
+    """The kinds of layer step ONNX Runtime ran for ``feed``, from its profile ({"dense", "compacted"})."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(sess_path.parent / "profile")
+    sess = ort.InferenceSession(str(sess_path), options, providers=["CPUExecutionProvider"])
+    sess.run(None, feed)
+    events = json.loads(open(sess.end_profiling()).read())
+    names = {e["name"] for e in events if e.get("cat") == "Node"}
+    return {kind for kind in ("dense", "compacted") if any(f"layer1/{kind}/" in n for n in names)}
+
+
+@pytest.mark.parametrize("mode", ["on", "auto", "off"])
+def test_each_compaction_mode_runs_the_step_it_says(tmp_path, mode):
+    model = tiny("layernorm", "act")
+    export_model(model, tmp_path / "m.onnx", samples=samples()[:1], compaction=mode)
+    meta = read_metadata(tmp_path / "m.onnx")
+    inputs = [name for name, _ in meta["inputs"]]
+    ids = samples()[0].numpy()
+    partly = {"input_ids": ids, "act_threshold": np.array(0.9, np.float32)}  # some tokens halt after layer 0
+    if mode == "off":
+        assert inputs == ["input_ids", "act_threshold"] and meta["compaction"] == "off"
+        assert _ran(tmp_path / "m.onnx", partly) == {"dense"}
+        return
+    assert inputs == ["input_ids", "act_threshold", "compaction_cutoff"] and meta["compaction"] == mode
+    default = 1.0 if mode == "on" else DEFAULT_COMPACTION_CUTOFF
+    assert float(meta["compaction_cutoff"]) == default
+    with torch.no_grad():
+        running = (~model(samples()[0], threshold=0.9).depth.eq(1)).sum(1).max().item() / ids.shape[1]
+    assert 0 < running < 1
+    expected = "compacted" if running <= default else "dense"
+    assert _ran(tmp_path / "m.onnx", partly) == {expected}  # the default, chosen in the graph
+    assert _ran(tmp_path / "m.onnx", {**partly, "compaction_cutoff": np.array(0.0, np.float32)}) == {"dense"}
+    assert _ran(tmp_path / "m.onnx", {**partly, "compaction_cutoff": np.array(1.0, np.float32)}) == {"compacted"}
+    everyone = {**partly, "act_threshold": np.array(1.0, np.float32), "compaction_cutoff": np.array(0.99, np.float32)}
+    assert _ran(tmp_path / "m.onnx", everyone) == {"dense"}  # nothing halted: the share is 1
+
+
 def test_threshold_is_an_optional_input_defaulting_to_the_trained_value(tmp_path):
     model = tiny("layernorm", "act")
-    export_model(model, tmp_path / "m.onnx", samples=samples())
+    export_model(model, tmp_path / "m.onnx", samples=samples(), compaction="off")
     engine = Engine(tmp_path / "m.onnx")
     ids = samples()[0].numpy()
     default = engine.session.run(None, {"input_ids": ids})
@@ -85,15 +128,15 @@ def test_dyt_affine_is_folded_into_the_next_linear(norm):
     ids = samples()[0]
     with torch.no_grad():
         a = model(ids, threshold=0.9)
-        b = EarlyExitGraph(model)(ids, torch.tensor(0.9))
-    assert torch.allclose(a.logits, b[0], atol=1e-5)
-    assert a.layers_executed == int(b[1])
+        b = folded(ids, threshold=0.9)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+    assert a.layers_executed == b.layers_executed and torch.equal(a.depth, b.depth)
 
 
 def test_a_mismatch_refuses_to_write(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "LOGITS_TOLERANCE", -1.0)
     with pytest.raises(ExportError, match="disagrees with PyTorch"):
-        export_model(tiny("rmsnorm", "act"), tmp_path / "m.onnx", samples=samples()[:1])
+        export_model(tiny("rmsnorm", "act"), tmp_path / "m.onnx", samples=samples()[:1], compaction="off")
     assert os.listdir(tmp_path) == []  # nothing written, no temporary left behind
 
 
@@ -135,7 +178,7 @@ def test_cli_export_repository_inspect_and_run(trained, tmp_path):
     repo = tmp_path / "models"
     (repo / "tiny" / "1").mkdir(parents=True)  # an earlier version: the export takes the next number
     proc = run_ponder("export", str(trained), "--repository", str(repo), "--name", "tiny")
-    assert "checked 8 runs against PyTorch" in proc.stdout
+    assert "checked 24 runs against PyTorch" in proc.stdout  # 2 shapes x 4 thresholds x 3 compaction cutoffs
     assert sorted(p.name for p in (repo / "tiny" / "2").iterdir()) == ["config.json", "model.onnx"]
     assert [p.name for p in (repo / "tiny").iterdir() if p.name.startswith(".")] == []  # no staging left
     config = json.loads((repo / "tiny" / "2" / "config.json").read_text())
@@ -143,7 +186,7 @@ def test_cli_export_repository_inspect_and_run(trained, tmp_path):
     assert config["version"] == 2 and config["n_layers"] == 3
     meta = read_metadata(repo / "tiny" / "2" / "model.onnx")
     assert meta["n_layers"] == 3 and meta["halting"]["name"] == "act" and meta["ponder_version"]
-    assert meta["tokenizer"] == {"kind": "byte", "vocab_size": 256}
+    assert meta["tokenizer"] == {"kind": "byte", "vocab_size": 256} and meta["compaction"] == "auto"
     shown = run_ponder("inspect", str(repo / "tiny" / "2" / "model.onnx")).stdout
     assert "n_layers: 3" in shown and "act_threshold: float[]" in shown and "token_depth: int64[batch, seq]" in shown
     out = run_ponder("run", str(repo / "tiny" / "2" / "model.onnx"), "--text", "The if statement", "--tokens", "3",
@@ -155,7 +198,7 @@ def test_cli_export_repository_inspect_and_run(trained, tmp_path):
 
 
 def test_cli_export_lone_file_without_check(trained, tmp_path):
-    proc = run_ponder("export", str(trained), "-o", str(tmp_path / "lone.onnx"), "--skip-check")
+    proc = run_ponder("export", str(trained), "-o", str(tmp_path / "lone.onnx"), "--skip-check", "--compaction", "off")
     assert "checked" not in proc.stdout
     assert (tmp_path / "lone.onnx").is_file() and not (tmp_path / "lone.json").exists()  # bytes need no vocabulary
     assert Engine(tmp_path / "lone.onnx").infer(np.zeros((1, 4), dtype=np.int64), 1.0).layers_executed == 3
@@ -195,6 +238,8 @@ def test_cli_errors_are_one_line_and_leave_nothing(trained, tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     proc = run_ponder("export", str(trained), "--repository", str(repo), check=False)
     assert proc.returncode == 2 and "--repository needs --name" in proc.stderr
+    proc = run_ponder("export", str(trained), "-o", str(tmp_path / "m.onnx"), "--compaction", "sometimes", check=False)
+    assert proc.returncode == 2 and "invalid choice: 'sometimes'" in proc.stderr and not (tmp_path / "m.onnx").exists()
 
 
 def test_an_unwritable_folder_is_a_one_line_error(trained, tmp_path):

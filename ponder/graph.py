@@ -1,0 +1,284 @@
+"""The exported early-exit graph, assembled from a few small traced pieces.
+
+Tracing a whole model with one ``torch.cond`` per layer costs the exporter seconds per layer and
+per branch, so a 6-layer model took a minute and twice that once each layer had a compacted
+branch. Every layer has the same structure, though, only other weights. So the pieces are traced
+once each, with the layer's weights as *inputs*:
+
+- the prologue: ``input_ids`` -> the initial halting state, the RoPE tables and the attention mask;
+- the layer step, dense and (with compaction) compacted: the carried state and one layer's weights
+  -> the state after that layer;
+- the choice: which step a layer runs, from the tokens still running (and ``compaction_cutoff``);
+- the epilogue: the output state -> logits and token depths.
+
+The ONNX graph is then put together here: layer 0 runs the dense step inline (nothing has halted
+before it), each later layer is an ``If`` per step whose branch is a renamed copy of the traced
+step bound to that layer's weights (outer-scope initializers), with an empty branch that passes
+the state through. Export time no longer grows with depth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ponder.model import PonderLM, Rows, attention_mask, compacted_step, rope_tables
+from ponder.plugins.halt.rules import HaltState
+
+STATE = ("halted", "cum", "depth", "output", "hidden", "layers")
+TABLES = ("cos", "sin", "mask")
+
+
+class Prologue(nn.Module):
+    def __init__(self, model: PonderLM, window: int) -> None:
+        super().__init__()
+        self.model, self.window = model, window
+
+    def forward(self, input_ids: Tensor) -> tuple[Tensor, ...]:
+        m = self.model
+        t = input_ids.shape[1]
+        cos, sin = rope_tables(t, m.cfg.d_model // m.cfg.n_heads, m.dials.value("rope_base"), input_ids.device)
+        mask = attention_mask(t, m.cfg.n_heads, m.cfg.n_local_heads, self.window, input_ids.device)
+        st = m.halting.init_state(m.embed(input_ids))
+        return st.halted, st.cum, st.depth, st.output, st.hidden, torch.zeros((), dtype=torch.int64), cos, sin, mask
+
+
+class _LayerStep(nn.Module):
+    def __init__(self, model: PonderLM, block: nn.Module, window: int, compact: bool) -> None:
+        super().__init__()
+        self.block, self.halting = block, model.halting
+        self.cfg, self.window, self.compact = model.cfg, window, compact
+
+    def forward(self, halted, cum, depth, output, hidden, layers, cos, sin, mask, act_threshold, layer):
+        state = HaltState(halted, cum, depth, output, hidden, cum, cum)
+        if self.compact:
+            n = (~halted).sum(1).max().item()  # the most running tokens in a row: rows per batch row
+            torch._check(n >= 1)
+            torch._check(n <= halted.shape[1])
+            rows = Rows.running(halted, n, mask)
+            new, _ = compacted_step(self.block, self.halting, state, layer, act_threshold, cos, sin, rows)
+        else:
+            new = self.halting.step(state, self.block(hidden, cos, sin, mask), layer, act_threshold)
+        return new.halted, new.cum, new.depth, new.output, new.hidden, layers + 1
+
+
+class Step(nn.Module):
+    """One layer and halting step, dense or compacted; the block's parameters and buffers come in as
+    arguments after the state (``keys`` order), so one trace serves every layer."""
+
+    def __init__(self, model: PonderLM, block: nn.Module, window: int, compact: bool) -> None:
+        super().__init__()
+        self.step = _LayerStep(model, block, window, compact)
+        self.keys = [f"block.{n}" for n, _ in [*block.named_parameters(), *block.named_buffers()]]
+
+    def forward(self, *args):
+        state, weights = args[:11], args[11:]
+        return torch.func.functional_call(self.step, dict(zip(self.keys, weights, strict=True)), state)
+
+
+class Choice(nn.Module):
+    """Which step the next layer runs: ``(compacted, dense)``, neither once every token has halted."""
+
+    def forward(self, halted: Tensor, compaction_cutoff: Tensor) -> tuple[Tensor, Tensor]:
+        running = ~halted
+        share = running.sum(1).max().to(torch.float32) / running.shape[1]
+        compacted = share <= compaction_cutoff
+        anyone = running.any()
+        return anyone & compacted, anyone & ~compacted
+
+
+class Running(nn.Module):
+    def forward(self, halted: Tensor) -> Tensor:
+        return ~halted.all()
+
+
+class Epilogue(nn.Module):
+    def __init__(self, model: PonderLM) -> None:
+        super().__init__()
+        self.norm_final, self.head = model.norm_final, model.head
+
+    def forward(self, output: Tensor, depth: Tensor) -> tuple[Tensor, Tensor]:
+        return self.head(self.norm_final(output)), depth.to(torch.int64)
+
+
+def _trace(module: nn.Module, args: tuple, names: list[str], outputs: list[str], shapes: dict, opset: int):
+    logging.disable(logging.WARNING)  # the exporter's progress chatter; real failures still raise
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, args, input_names=names, output_names=outputs,
+                                        opset_version=opset, dynamic_shapes=shapes, dynamo=True)
+    finally:
+        logging.disable(logging.NOTSET)
+    return program.model_proto.graph
+
+
+class _Builder:
+    """Collects nodes and initializers of the assembled graph; copies traced graphs in under new names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []
+        self.initializers: dict[str, Any] = {}
+        self.hoisted: dict[int, dict[str, str]] = {}  # traced graph -> its initializers' names here
+        self.count = 0
+
+    def constant(self, name: str, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        self.initializers[name] = numpy_helper.from_array(value, name)
+        return name
+
+    def copy(self, graph: Any, key: str, inputs: dict[str, str], prefix: str) -> tuple[list[Any], list[str]]:
+        """``graph``'s nodes with its inputs bound to ``inputs`` (outer names) and everything else renamed
+        under ``prefix``; its initializers go to the outer graph once per traced graph. Returns the nodes
+        and the names of the graph's outputs."""
+        import onnx
+
+        if id(graph) not in self.hoisted:
+            self.hoisted[id(graph)] = {}
+            for init in graph.initializer:
+                name = f"{key}/{init.name}"
+                copied = onnx.TensorProto()
+                copied.CopyFrom(init)
+                copied.name = name
+                self.initializers[name] = copied
+                self.hoisted[id(graph)][init.name] = name
+        names = {**self.hoisted[id(graph)], **inputs, "": ""}
+        nodes = []
+        for node in graph.node:
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+                raise ValueError(f"a traced piece has control flow ({node.op_type}); it cannot be copied")
+            copied = onnx.NodeProto()
+            copied.CopyFrom(node)
+            for i, name in enumerate(node.input):
+                copied.input[i] = names[name]
+            for i, name in enumerate(node.output):
+                names[name] = copied.output[i] = f"{prefix}/{name}" if name else ""
+            copied.name = f"{prefix}/{node.name or node.op_type}"
+            nodes.append(copied)
+        return nodes, [names[o.name] for o in graph.output]
+
+    def inline(self, graph: Any, key: str, inputs: dict[str, str], prefix: str) -> list[str]:
+        nodes, outputs = self.copy(graph, key, inputs, prefix)
+        self.nodes.extend(nodes)
+        return outputs
+
+    def branch(self, graph: Any, key: str, inputs: dict[str, str], prefix: str, types: list[Any]) -> Any:
+        """An ``If`` branch: the copied graph (outer-scope inputs) whose outputs carry ``types``."""
+        from onnx import helper
+
+        nodes, outputs = self.copy(graph, key, inputs, prefix)
+        return helper.make_graph(nodes, prefix, [], [_typed(name, t) for name, t in zip(outputs, types, strict=True)])
+
+    def passthrough(self, state: list[str], prefix: str, types: list[Any]) -> Any:
+        from onnx import helper
+
+        nodes = [helper.make_node("Identity", [name], [f"{prefix}/{i}"]) for i, name in enumerate(state)]
+        return helper.make_graph(nodes, prefix, [], [_typed(f"{prefix}/{i}", t) for i, t in enumerate(types)])
+
+
+def _typed(name: str, type_proto: Any) -> Any:
+    import onnx
+
+    info = onnx.ValueInfoProto()
+    info.name = name
+    info.type.tensor_type.elem_type = type_proto.tensor_type.elem_type  # shapes left to inference
+    return info
+
+
+def build(model: PonderLM, compaction: str, cutoff: float | None, opset: int, unrolled: bool = False) -> Any:
+    """The early-exit ONNX model of ``model`` (folded already, in eval), compacted when ``compaction``
+    is "on" or "auto" (``cutoff`` the default of the ``compaction_cutoff`` input). ``unrolled``: every
+    layer runs, densely, with no ``If`` (the fixed-depth baseline of the benchmark)."""
+    from onnx import TensorProto, helper
+
+    cfg = model.cfg
+    window = model.dials["attn_window"].as_int()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("seq", min=2, max=max(2, cfg.max_seq_len))
+    ids = torch.zeros((2, min(16, cfg.max_seq_len)), dtype=torch.int64)
+    with torch.no_grad():  # example values; cloned, as the initial state shares one zeros tensor between fields
+        prologue_out = tuple(t.clone() for t in Prologue(model, window)(ids))
+    prologue = _trace(Prologue(model, window), (ids,), ["input_ids"], [*STATE, *TABLES],
+                      {"input_ids": {0: batch, 1: seq}}, opset)
+
+    template = model.blocks[0]
+    signature = [(n, tuple(p.shape)) for n, p in [*template.named_parameters(), *template.named_buffers()]]
+    for i, block in enumerate(model.blocks):
+        if [(n, tuple(p.shape)) for n, p in [*block.named_parameters(), *block.named_buffers()]] != signature:
+            raise ValueError(f"layer {i} has other parameters than layer 0: its norm plugin builds different "
+                             "modules per layer")
+    state_shapes = [{0: batch, 1: seq}] * 5 + [None]
+    table_shapes = [{0: seq}, {0: seq}, {1: seq, 2: seq}]
+    step_names = [*STATE, *TABLES, "act_threshold", "layer"]
+    weight_names = [f"w{k}" for k in range(len(signature))]
+    steps = {}
+    for compact in ([False, True] if compaction != "off" else [False]):
+        step = Step(model, template, window, compact)
+        weights = tuple(t.detach() for t in [*dict(template.named_parameters()).values(),
+                                             *dict(template.named_buffers()).values()])
+        args = (*prologue_out, torch.tensor(0.9), torch.tensor(1, dtype=torch.int64), *weights)
+        shapes = [tuple(state_shapes + table_shapes + [None, None] + [None] * len(weights))]  # the one *args
+        steps[compact] = _trace(step, args, step_names + weight_names, [f"next_{s}" for s in STATE], shapes, opset)
+    if compaction != "off":
+        choice = _trace(Choice(), (prologue_out[0], torch.tensor(0.5)), ["halted", "compaction_cutoff"],
+                        ["compacted", "dense"], {"halted": {0: batch, 1: seq}, "compaction_cutoff": None}, opset)
+    else:
+        choice = _trace(Running(), (prologue_out[0],), ["halted"], ["running"], {"halted": {0: batch, 1: seq}},
+                        opset)
+    epilogue = _trace(Epilogue(model), (prologue_out[3], prologue_out[2]), ["output", "depth"],
+                      ["logits", "token_depth"], {"output": {0: batch, 1: seq}, "depth": {0: batch, 1: seq}}, opset)
+
+    b = _Builder()
+    out = b.inline(prologue, "prologue", {"input_ids": "input_ids"}, "prologue")
+    state, tables = out[:6], dict(zip(TABLES, out[6:], strict=True))
+    types = [o.type for o in steps[False].output]
+    for i, block in enumerate(model.blocks):
+        tensors = [*dict(block.named_parameters()).values(), *dict(block.named_buffers()).values()]
+        bound = {name: b.constant(f"layer{i}/{n}", t.detach().numpy()) for name, (n, _), t in
+                 zip(weight_names, signature, tensors, strict=True)}
+        bound.update(dict(zip(STATE, state, strict=True)), **tables, act_threshold="act_threshold",
+                     layer=b.constant(f"layer{i}/index", np.array(i, dtype=np.int64)))
+        if i == 0 or unrolled:  # nothing has halted before the first layer: it always runs, densely
+            state = b.inline(steps[False], "dense", bound, f"layer{i}")
+            continue
+        if compaction == "off":
+            running = b.inline(choice, "choice", {"halted": state[0]}, f"layer{i}/choice")
+            branches = [(running[0], steps[False], "dense")]
+        else:
+            compacted, dense = b.inline(choice, "choice", {"halted": state[0], "compaction_cutoff":
+                                                           "compaction_cutoff"}, f"layer{i}/choice")
+            branches = [(compacted, steps[True], "compacted"), (dense, steps[False], "dense")]
+        for pred, step, kind in branches:
+            bound.update(dict(zip(STATE, state, strict=True)))
+            then = b.branch(step, kind, dict(bound), f"layer{i}/{kind}", types)
+            skip = b.passthrough(state, f"layer{i}/skip-{kind}", types)
+            new = [f"layer{i}/{kind}/out/{s}" for s in STATE]
+            b.nodes.append(helper.make_node("If", [pred], new, name=f"layer{i}/if-{kind}",
+                                            then_branch=then, else_branch=skip))
+            state = new
+    logits, depth = b.inline(epilogue, "epilogue", {"output": state[3], "depth": state[2]}, "epilogue")
+    b.nodes += [helper.make_node("Identity", [logits], ["logits"]),
+                helper.make_node("Identity", [state[5]], ["layers_executed"]),
+                helper.make_node("Identity", [depth], ["token_depth"])]
+
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("act_threshold", TensorProto.FLOAT, [])]
+    b.constant("act_threshold", np.array(model.dials.value("act_threshold"), dtype=np.float32))
+    if compaction != "off":
+        inputs.append(helper.make_tensor_value_info("compaction_cutoff", TensorProto.FLOAT, []))
+        b.constant("compaction_cutoff", np.array(cutoff, dtype=np.float32))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size]),
+               helper.make_tensor_value_info("layers_executed", TensorProto.INT64, []),
+               helper.make_tensor_value_info("token_depth", TensorProto.INT64, ["batch", "seq"])]
+    graph = helper.make_graph(b.nodes, "ponder", inputs, outputs, list(b.initializers.values()))
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="ponder")
+    proto.ir_version = 10  # what ONNX Runtime 1.2x reads; the exporter writes the same
+    return proto
