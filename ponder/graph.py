@@ -12,9 +12,10 @@ once each, with the layer's weights as *inputs*:
 - the epilogue: the output state -> logits and token depths.
 
 The ONNX graph is then put together here: layer 0 runs the dense step inline (nothing has halted
-before it), each later layer is an ``If`` per step whose branch is a renamed copy of the traced
-step bound to that layer's weights (outer-scope initializers), with an empty branch that passes
-the state through. Export time no longer grows with depth.
+before it); each later layer is an ``If`` on "run dense" whose branch is a renamed copy of the
+traced step bound to that layer's weights (outer-scope initializers), and whose other branch is
+an ``If`` on "run compacted" (else: pass the state through). Export time no longer grows with
+depth.
 """
 
 from __future__ import annotations
@@ -249,21 +250,27 @@ def build(model: PonderLM, compaction: str, cutoff: float | None, opset: int, un
         if i == 0 or unrolled:  # nothing has halted before the first layer: it always runs, densely
             state = b.inline(steps[False], "dense", bound, f"layer{i}")
             continue
+        bound.update(dict(zip(STATE, state, strict=True)))
+        dense_step = b.branch(steps[False], "dense", bound, f"layer{i}/dense", types)
+        skip = b.passthrough(state, f"layer{i}/skip", types)
+        new = [f"layer{i}/out/{s}" for s in STATE]
         if compaction == "off":
             running = b.inline(choice, "choice", {"halted": state[0]}, f"layer{i}/choice")
-            branches = [(running[0], steps[False], "dense")]
-        else:
+            b.nodes.append(helper.make_node("If", [running[0]], new, name=f"layer{i}/if-running",
+                                            then_branch=dense_step, else_branch=skip))
+        else:  # If(dense, dense step, If(compacted, compacted step, pass through)): the dense path, taken at
+            # full depth, is one If deep as without compaction
             compacted, dense = b.inline(choice, "choice", {"halted": state[0], "compaction_cutoff":
                                                            "compaction_cutoff"}, f"layer{i}/choice")
-            branches = [(compacted, steps[True], "compacted"), (dense, steps[False], "dense")]
-        for pred, step, kind in branches:
-            bound.update(dict(zip(STATE, state, strict=True)))
-            then = b.branch(step, kind, dict(bound), f"layer{i}/{kind}", types)
-            skip = b.passthrough(state, f"layer{i}/skip-{kind}", types)
-            new = [f"layer{i}/{kind}/out/{s}" for s in STATE]
-            b.nodes.append(helper.make_node("If", [pred], new, name=f"layer{i}/if-{kind}",
-                                            then_branch=then, else_branch=skip))
-            state = new
+            compact_step = b.branch(steps[True], "compacted", bound, f"layer{i}/compacted", types)
+            inner = [f"layer{i}/else/{s}" for s in STATE]
+            otherwise = helper.make_graph(
+                [helper.make_node("If", [compacted], inner, name=f"layer{i}/if-compacted",
+                                  then_branch=compact_step, else_branch=skip)],
+                f"layer{i}/else", [], [_typed(name, t) for name, t in zip(inner, types, strict=True)])
+            b.nodes.append(helper.make_node("If", [dense], new, name=f"layer{i}/if-dense",
+                                            then_branch=dense_step, else_branch=otherwise))
+        state = new
     logits, depth = b.inline(epilogue, "epilogue", {"output": state[3], "depth": state[2]}, "epilogue")
     b.nodes += [helper.make_node("Identity", [logits], ["logits"]),
                 helper.make_node("Identity", [state[5]], ["layers_executed"]),

@@ -156,7 +156,8 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         print(f"{report['model']} via {report['via']}: {report['n_layers']} layers, {report['sequences']} sequences "
               f"of {report['seq_len']} tokens, concurrency {report['concurrency']}, {report['requests']} requests "
-              "per row; speed-up = p50 at threshold 1 / p50, ideal = n_layers / layers executed")
+              "per row; speed-up = p50 at threshold 1 / p50, ideal = n_layers / layers executed, "
+              "per token = n_layers / mean token depth")
         print(format_table(report["rows"]))
     print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)
     return 0
