@@ -77,11 +77,16 @@ class Step(nn.Module):
     def __init__(self, model: PonderLM, block: nn.Module, window: int, compact: bool) -> None:
         super().__init__()
         self.step = _LayerStep(model, block, window, compact)
-        self.keys = [f"block.{n}" for n, _ in [*block.named_parameters(), *block.named_buffers()]]
+        self.keys = [f"block.{name}" for name, _ in tensors_of(block)]
 
     def forward(self, *args):
         state, weights = args[:11], args[11:]
         return torch.func.functional_call(self.step, dict(zip(self.keys, weights, strict=True)), state)
+
+
+def tensors_of(block: nn.Module) -> list[tuple[str, Tensor]]:
+    """A block's parameters and buffers, in the order the traced step takes them."""
+    return [*block.named_parameters(), *block.named_buffers()]
 
 
 class Choice(nn.Module):
@@ -128,7 +133,6 @@ class _Builder:
         self.nodes: list[Any] = []
         self.initializers: dict[str, Any] = {}
         self.hoisted: dict[int, dict[str, str]] = {}  # traced graph -> its initializers' names here
-        self.count = 0
 
     def constant(self, name: str, value: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -211,9 +215,9 @@ def build(model: PonderLM, compaction: str, cutoff: float | None, opset: int, un
                       {"input_ids": {0: batch, 1: seq}}, opset)
 
     template = model.blocks[0]
-    signature = [(n, tuple(p.shape)) for n, p in [*template.named_parameters(), *template.named_buffers()]]
+    signature = [(n, tuple(p.shape)) for n, p in tensors_of(template)]
     for i, block in enumerate(model.blocks):
-        if [(n, tuple(p.shape)) for n, p in [*block.named_parameters(), *block.named_buffers()]] != signature:
+        if [(n, tuple(p.shape)) for n, p in tensors_of(block)] != signature:
             raise ValueError(f"layer {i} has other parameters than layer 0: its norm plugin builds different "
                              "modules per layer")
     state_shapes = [{0: batch, 1: seq}] * 5 + [None]
@@ -223,12 +227,13 @@ def build(model: PonderLM, compaction: str, cutoff: float | None, opset: int, un
     steps = {}
     for compact in ([False, True] if compaction != "off" else [False]):
         step = Step(model, template, window, compact)
-        weights = tuple(t.detach() for t in [*dict(template.named_parameters()).values(),
-                                             *dict(template.named_buffers()).values()])
+        weights = tuple(t.detach() for _, t in tensors_of(template))
         args = (*prologue_out, torch.tensor(0.9), torch.tensor(1, dtype=torch.int64), *weights)
         shapes = [tuple(state_shapes + table_shapes + [None, None] + [None] * len(weights))]  # the one *args
         steps[compact] = _trace(step, args, step_names + weight_names, [f"next_{s}" for s in STATE], shapes, opset)
-    if compaction != "off":
+    if unrolled:
+        choice = None
+    elif compaction != "off":
         choice = _trace(Choice(), (prologue_out[0], torch.tensor(0.5)), ["halted", "compaction_cutoff"],
                         ["compacted", "dense"], {"halted": {0: batch, 1: seq}, "compaction_cutoff": None}, opset)
     else:
@@ -242,9 +247,8 @@ def build(model: PonderLM, compaction: str, cutoff: float | None, opset: int, un
     state, tables = out[:6], dict(zip(TABLES, out[6:], strict=True))
     types = [o.type for o in steps[False].output]
     for i, block in enumerate(model.blocks):
-        tensors = [*dict(block.named_parameters()).values(), *dict(block.named_buffers()).values()]
-        bound = {name: b.constant(f"layer{i}/{n}", t.detach().numpy()) for name, (n, _), t in
-                 zip(weight_names, signature, tensors, strict=True)}
+        bound = {name: b.constant(f"layer{i}/{n}", t.detach().numpy()) for name, (n, t) in
+                 zip(weight_names, tensors_of(block), strict=True)}
         bound.update(dict(zip(STATE, state, strict=True)), **tables, act_threshold="act_threshold",
                      layer=b.constant(f"layer{i}/index", np.array(i, dtype=np.int64)))
         if i == 0 or unrolled:  # nothing has halted before the first layer: it always runs, densely

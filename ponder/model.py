@@ -3,7 +3,8 @@
 embedding -> n_layers blocks (pre-norm causal attention with RoPE, some heads global and some
 within a sliding window; pre-norm MLP), each followed by the halting rule's step -> final norm
 -> LM head. Norms and the halting rule come from plugins. The layer loop stops as soon as every
-token in the batch has halted, so ``layers_executed`` is the deepest token's depth.
+token in the batch has halted, so ``layers_executed`` is the deepest token's depth. In eval a layer
+can run on its running tokens only (compaction, :func:`compacted_step`), as the exported graph does.
 """
 
 from __future__ import annotations
@@ -149,9 +150,9 @@ def compacted_step(block: Block, halting: nn.Module, state: HaltState, layer: in
     taken = HaltState(*(rows.take(field) for field in state))
     s = block.forward_rows(state.hidden, taken.hidden, rows, cos, sin)
     new = halting.step(taken, s, layer, threshold)
-    merged = [rows.put(full, part) for full, part in zip(state, new, strict=True)]
-    merged[5] = rows.put(torch.zeros_like(state.weight), new.weight)  # this layer's weight: 0 unless run
-    return HaltState(*merged), s
+    merged = HaltState(*(rows.put(full, part) for full, part in zip(state, new, strict=True)))
+    # this layer's halting weight is 0 for every token it did not run, as in the dense step
+    return merged._replace(weight=rows.put(torch.zeros_like(state.weight), new.weight)), s
 
 
 @dataclass
