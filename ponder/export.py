@@ -96,19 +96,11 @@ def _describe(model: PonderLM) -> str:
     return f"norm {model.norm_spec.name!r}, halting {model.halting_spec.name!r}"
 
 
-def _finish(path: Path, model: PonderLM, metadata: dict[str, Any], cutoff: float | None) -> None:
-    """Make ``act_threshold`` (and ``compaction_cutoff``) optional: initializers with the default
-    value. Add the metadata."""
-    import numpy as np
+def _finish(path: Path, metadata: dict[str, Any]) -> None:
+    """Add the metadata (the optional inputs' defaults are initializers already: ``ponder.graph``)."""
     import onnx
-    from onnx import numpy_helper
 
     proto = onnx.load(str(path))
-    defaults = {"act_threshold": model.dials.value("act_threshold"), "compaction_cutoff": cutoff}
-    present = {init.name for init in proto.graph.initializer}
-    for name, value in defaults.items():
-        if value is not None and name not in present:
-            proto.graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.float32), name))
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
@@ -216,7 +208,7 @@ def export_model(model: PonderLM, path: str | Path, *, metadata: dict[str, Any] 
             raise ExportError(f"could not export the model ({_describe(model)}): {type(exc).__name__}: "
                               f"{summary[:300]}") from exc
         compaction_meta = {"compaction": compaction, "compaction_cutoff": "" if cutoff is None else str(cutoff)}
-        _finish(staged, model, {**_metadata(model), **compaction_meta, **(metadata or {})}, cutoff)
+        _finish(staged, {**_metadata(model), **compaction_meta, **(metadata or {})})
         cutoffs = (None,) if cutoff is None else tuple(dict.fromkeys((cutoff, 0.0, 1.0)))
         checks = check_parity(model, staged, samples or sample_inputs(model), cutoffs=cutoffs) \
             if check and not unrolled else []
