@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, help="train to this many steps (overrides train.steps)")
     tr.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides train.device)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.add_argument("--nproc", type=int, metavar="N",
+                    help="train with N processes on this host (DistributedDataParallel under torchrun: gloo on "
+                         "the CPU, nccl with one GPU per process); train.batch_size is the global batch. For several "
+                         "hosts run `torchrun ... -m ponder train` yourself (docs/training.md)")
     _plugin_switches(tr, "sub_plugin_switches")
     tr.set_defaults(handler=_train)
 
@@ -245,11 +249,16 @@ def _analyze_alphas(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import os
+
+    from ponder import distributed
     from ponder.config import load_config
     from ponder.train import Trainer
 
     if args.steps is not None and args.steps < 1:
         raise _usage_error(f"--steps must be >= 1, got {args.steps}")
+    if args.nproc is not None and args.nproc < 1:
+        raise _usage_error(f"--nproc must be >= 1, got {args.nproc}")
     if args.out is None:
         if args.resume:
             raise _usage_error("--resume needs --out RUN_FOLDER")
@@ -259,19 +268,44 @@ def _train(args: argparse.Namespace) -> int:
         args.out = str(Path("runs") / name)
     run = None
     if args.config or args.preset or not args.resume:
-        run = load_config(args.config, preset=args.preset)
-    trainer = Trainer(run, args.out, resume=args.resume, steps=args.steps, device=args.device,
-                      progress=not args.no_progress)
-    for note in trainer.notes:
-        print(f"ponder: note: {note}", file=sys.stderr)
-    print(f"training {trainer.model.num_parameters():,} parameters on {trainer.device} into {args.out} "
-          f"(from step {trainer.step} to {trainer.run.train.steps})", file=sys.stderr)
-    final = trainer.train()
+        run = load_config(args.config, preset=args.preset)  # checked here, before any process is started
+    if args.nproc is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if run is not None:
+            distributed.check_split(run.train.batch_size, args.nproc)
+        return distributed.launch(args.nproc, _without_nproc(args.argv))
+    try:
+        trainer = Trainer(run, args.out, resume=args.resume, steps=args.steps, device=args.device,
+                          progress=not args.no_progress)
+        main = trainer.dist.is_main
+        for note in trainer.notes if main else ():
+            print(f"ponder: note: {note}", file=sys.stderr)
+        if main:
+            ranks = f" x {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
+            print(f"training {trainer.model.num_parameters():,} parameters on {trainer.device}{ranks} into "
+                  f"{args.out} (from step {trainer.step} to {trainer.run.train.steps})", file=sys.stderr)
+        final = trainer.train()
+    finally:
+        distributed.close()
+    if not main:
+        return 0
     print(f"step {final['step']}: valid loss {final['loss']:.4f}, perplexity {final['perplexity']:.2f}, "
           f"layers executed {final['layers_executed']:.2f} of {final['n_layers']}, "
           f"mean token depth {final['mean_token_depth']:.2f}")
     print(f"checkpoint: {args.out}/latest; metrics: {args.out}/metrics.jsonl")
     return 0
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """The command line again, for each process torchrun starts, less ``--nproc N``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -451,6 +485,7 @@ def _terminated(signum: int, frame: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         return _usage(parser)

@@ -9,6 +9,7 @@ can run on its running tokens only (compaction, :func:`compacted_step`), as the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -181,6 +182,8 @@ class PonderLM(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.compaction = "auto"  # in eval: run a layer on its running tokens only ("on", "auto", "off")
         self.compaction_cutoff = DEFAULT_COMPACTION_CUTOFF
+        # in distributed training: "has every token halted?" over the global batch (see ponder.distributed)
+        self.sync_halting: Callable[[Tensor], bool] | None = None
         self.apply(_init_weights)
         # created after the init above so the rule keeps its own (e.g. a negative halting bias)
         self.halting = registry.create("halting", self.halting_spec.name, cfg.d_model, cfg.n_layers,
@@ -222,7 +225,7 @@ class PonderLM(nn.Module):
             layers = i + 1
             if per_layer:
                 expected_task = expected_task + state.weight * _token_ce(self.head(self.norm_final(s)), targets)
-            if layers < len(self.blocks) and bool(state.halted.all()):
+            if layers < len(self.blocks) and self._all_halted(state.halted):
                 break
         logits = self.head(self.norm_final(state.output))
         out = ModelOutput(logits, layers, state.depth)
@@ -232,6 +235,13 @@ class PonderLM(nn.Module):
             out.halt_loss = halting.loss(state)
             out.loss = out.task_loss + out.halt_loss
         return out
+
+    def _all_halted(self, halted: Tensor) -> bool:
+        """Whether the loop may stop. Training on several ranks, every rank runs until the global batch has
+        halted: the layers run (and so the parameters used) agree, as in one process with the whole batch."""
+        if self.training and self.sync_halting is not None:
+            return self.sync_halting(halted.all())
+        return bool(halted.all())
 
     def compact_rows(self, halted: Tensor, mask: Tensor) -> Rows | None:
         """The rows a compacted step would compute for the running tokens, or None when this layer

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ponder import checkpoint, registry
+from ponder import checkpoint, distributed, registry
 from ponder.config import RunConfig, check_config, parse_config
 from ponder.data import Corpus, TokenChunks, epoch_order, prepare_data, tokenizer_from_json
 from ponder.errors import CheckpointError, ConfigError
@@ -67,7 +67,12 @@ def build_optimizer(run: RunConfig, model: PonderLM) -> torch.optim.Optimizer:
 
 
 class Trainer:
-    """Trains one run into ``out_dir``; ``resume=True`` continues from its latest checkpoint exactly."""
+    """Trains one run into ``out_dir``; ``resume=True`` continues from its latest checkpoint exactly.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains with DistributedDataParallel: ``train.batch_size`` is the
+    global batch, each rank takes its share of every batch, and only rank 0 writes checkpoints, metrics and the
+    progress bar. The loss the controllers see and the figures logged are averaged over ranks.
+    """
 
     def __init__(self, run: RunConfig | None, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
                  steps: int | None = None, device: str | None = None) -> None:
@@ -100,6 +105,8 @@ class Trainer:
             run = dataclasses.replace(run, train=dataclasses.replace(run.train, device=device))
         check_config(run)
         self.run = run
+        self.dist, device_name = distributed.from_env(run.train.device)
+        distributed.check_split(run.train.batch_size, self.dist.world_size)
         self.corpus: Corpus = prepare_data(run.data, tokenizer)
         t = run.train
         self.train_chunks = TokenChunks(self.corpus.splits["train"], t.seq_len)
@@ -108,7 +115,7 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ConfigError(f"the training split has {len(self.train_chunks)} sequences of {t.seq_len} tokens, "
                               f"fewer than one batch of {t.batch_size}")
-        self.device = resolve_device(t.device)
+        self.device = resolve_device(device_name)
         torch.manual_seed(t.seed)
         self.model = build_model(run, self.corpus.tokenizer.vocab_size).to(self.device)
         self.optimizer = build_optimizer(run, self.model)
@@ -124,6 +131,13 @@ class Trainer:
         self._log: Callable[[str], None] = print
         if state is not None:
             self._restore(model_state, state)
+        self.ddp: torch.nn.Module = self.model
+        if self.dist.enabled:
+            # layers past the point where the whole global batch halted get no gradient: unused parameters
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True, **distributed.no_buffer_sync())
+            self.model.sync_halting = self.dist.all_true
 
     def _needs_adyt_controller(self) -> bool:
         from ponder.plugins.norm.dyt import AdaptiveDynamicTanh
@@ -174,7 +188,7 @@ class Trainer:
 
     def _trim_metrics(self) -> None:
         """On resume, drop records past the checkpoint so the log reads as one run."""
-        if not self.metrics_path.exists():
+        if not self.dist.is_main or not self.metrics_path.exists():
             return
         kept = []
         for line in self.metrics_path.read_text().splitlines():
@@ -208,7 +222,9 @@ class Trainer:
         epoch, i = divmod(step, self.steps_per_epoch)
         if getattr(self, "_order_epoch", None) != epoch:
             self._order, self._order_epoch = epoch_order(len(self.train_chunks), t.seed, epoch), epoch
-        x, y = self.train_chunks.batch(self._order[i * t.batch_size: (i + 1) * t.batch_size])
+        share = t.batch_size // self.dist.world_size  # this rank's rows of the global batch
+        start = i * t.batch_size + self.dist.rank * share
+        x, y = self.train_chunks.batch(self._order[start: start + share])
         return x.to(self.device), y.to(self.device)
 
     def _event(self, name: str, loss: float, metrics: dict[str, Any] | None = None) -> None:
@@ -221,22 +237,28 @@ class Trainer:
                 handler(event)
 
     def validate(self) -> dict[str, Any]:
+        """Validation metrics; with several ranks, rank 0 measures and every rank receives its figures."""
         t = self.run.train
-        return evaluate(self.model, self.valid_chunks, batch_size=t.batch_size, max_batches=t.eval_batches)
+        result = None
+        if self.dist.is_main:
+            result = evaluate(self.model, self.valid_chunks, batch_size=t.batch_size, max_batches=t.eval_batches)
+        return self.dist.broadcast(result)
 
     def train(self) -> dict[str, Any]:
         """Run to ``train.steps``; returns the final validation metrics."""
         from tqdm import tqdm
 
         t = self.run.train
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self.model.train()
         window: dict[str, float] = {"loss": 0.0, "ce": 0.0, "layers": 0.0, "depth": 0.0, "n": 0.0}
         tokens_per_step = t.batch_size * t.seq_len
         started = time.perf_counter()
-        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", disable=not (self.progress and main),
                    dynamic_ncols=True)
-        self._log = lambda line: tqdm.write(line, file=sys.stderr)
+        self._log = (lambda line: tqdm.write(line, file=sys.stderr)) if main else (lambda line: None)
         # an LR-schedule controller owns the learning rate; otherwise the trainer's linear warm-up does
         own_warmup = not any(getattr(c, "sets_lr", False) for c in self.controllers)
         self._event("on_train_start", math.nan)
@@ -247,9 +269,12 @@ class Trainer:
                     for group in self.optimizer.param_groups:
                         group["lr"] = group["initial_lr"] * (self.step + 1) / t.warmup_steps
                 x, y = self._batch(self.step)
-                out = self.model(x, y)
+                out = self.ddp(x, y)
                 out.loss.backward()
-                loss = out.loss.detach().item()
+                # one all-reduce: the global batch's loss, cross-entropy and mean token depth (the layers run
+                # are global already: every rank ran until the whole batch halted)
+                loss, ce, depth = self.dist.mean([out.loss.detach().item(), out.ce.detach().item(),
+                                                  float(out.depth.float().mean())])
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {self.step}; lower the learning rate")
                 self._event("after_backward", loss)
@@ -259,8 +284,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 self._event("after_step", loss)
-                for key, value in (("loss", loss), ("ce", out.ce.detach().item()), ("layers", out.layers_executed),
-                                   ("depth", float(out.depth.mean())), ("n", 1)):
+                for key, value in (("loss", loss), ("ce", ce), ("layers", out.layers_executed), ("depth", depth),
+                                   ("n", 1)):
                     window[key] += value
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == t.steps:
@@ -272,16 +297,19 @@ class Trainer:
                               "lr": self.optimizer.param_groups[0]["lr"],
                               "tokens_per_s": n * tokens_per_step / max(elapsed, 1e-9),
                               "dials": self.model.dials.snapshot(), **self._plugin_metrics()}
-                    self._record(record)
+                    if main:
+                        self._record(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['perplexity']:.2f}",
                                     layers=f"{record['layers_executed']:.2f}", refresh=False)
+
                     window = dict.fromkeys(window, 0.0)
                     started = time.perf_counter()
                 if self.step % t.eval_every == 0 or self.step == t.steps:
                     final = {"step": self.step, "split": "valid", **self.validate()}
-                    self._record(final)
+                    if main:
+                        self._record(final)
                     self._event("after_eval", final["loss"], final)
-                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                if main and (self.step % t.checkpoint_every == 0 or self.step == t.steps):
                     self.save()
         finally:
             bar.close()
