@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides train.device)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.add_argument("--nproc", type=int, metavar="N",
-                    help="train with N processes on this host (DistributedDataParallel under torchrun: gloo on "
-                         "the CPU, nccl with one GPU per process); train.batch_size is the global batch. For several "
-                         "hosts run `torchrun ... -m ponder train` yourself (docs/training.md)")
+                    help="train with N processes on this host (DistributedDataParallel, as torchrun would start "
+                         "them: gloo on the CPU, nccl with one GPU per process); train.batch_size is the global "
+                         "batch. For several hosts run `torchrun ... -m ponder train` (docs/training.md)")
     _plugin_switches(tr, "sub_plugin_switches")
     tr.set_defaults(handler=_train)
 
@@ -296,7 +296,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _without_nproc(argv: Sequence[str]) -> list[str]:
-    """The command line again, for each process torchrun starts, less ``--nproc N``."""
+    """The command line again, for each process ``--nproc`` starts, less ``--nproc N``."""
     out, skip = [], False
     for arg in argv:
         if skip:
