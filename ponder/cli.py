@@ -341,7 +341,9 @@ def _tune_parser(commands: Any) -> None:
     tu = commands.add_parser("tune", help="tune ACT's threshold and lambda (Optuna grid or Pareto search)",
                              description="Grid search over act_threshold x act_lambda (seed 004) on Optuna. "
                                          "--mode sweep trains one model per lambda and evaluates every threshold "
-                                         "on it; --mode full trains every cell.")
+                                         "on it; --mode full trains every cell. Several workers (processes or "
+                                         "hosts) may share one --storage: each cell is computed by one of them, "
+                                         "and each prints the whole table at the end.")
     tu.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95, 0.99])
     tu.add_argument("--lambdas", type=float, nargs="+", default=[0.001, 0.005, 0.01, 0.05, 0.1])
     tu.add_argument("--epochs", type=int, default=3, help="passes over the training data per model")
@@ -357,8 +359,12 @@ def _tune_parser(commands: Any) -> None:
                                                           "at (default: the highest of --thresholds)")
     tu.add_argument("--trials", type=int, default=20, help="trials of --search pareto")
     tu.add_argument("--seeds", type=int, default=1, help="repeat each configuration with seeds 0..N-1")
-    tu.add_argument("--storage", help="Optuna storage to resume from, e.g. sqlite:///tune.db")
+    tu.add_argument("--storage", help="Optuna storage to resume from, e.g. sqlite:///tune.db or "
+                                      "postgresql://user:password@host/db; several workers may share one")
     tu.add_argument("--study-name", help="study name in --storage (default: ponder-act-grid or ponder-act-pareto)")
+    tu.add_argument("--heartbeat", type=int, default=30, metavar="SECONDS",
+                    help="with --storage: a worker beats every SECONDS for the cells it computes; a cell whose "
+                         "worker is silent for 4 beats is redone by another worker (default 30)")
     tu.add_argument("--seq-len", type=int, default=128)
     tu.add_argument("--d-model", type=int, default=64)
     tu.add_argument("--n-layers", type=int, default=4)
@@ -383,7 +389,7 @@ def _tune(args: argparse.Namespace) -> int:
         if not lam >= 0.0:
             raise ConfigError(f"--lambdas: {lam} is negative")
     for flag in ("epochs", "steps", "batch_size", "trials", "seeds", "seq_len", "d_model", "n_layers",
-                 "eval_batches"):
+                 "eval_batches", "heartbeat"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -395,14 +401,14 @@ def _tune(args: argparse.Namespace) -> int:
         n_trials=args.trials, seeds=args.seeds, storage=args.storage, study_name=args.study_name,
         d_model=args.d_model, n_layers=args.n_layers, n_seq=args.seq_len, max_steps=args.steps,
         max_eval_batches=args.eval_batches, device=args.device, progress=not args.no_progress,
-        train_threshold=args.train_threshold)
+        train_threshold=args.train_threshold, heartbeat_interval=args.heartbeat)
     print(f"{'threshold':>9}  {'lambda':>7}  {'perplexity':>10}  {'layers':>6}  {'speed-up':>8}  {'score':>9}")
     for x in sorted(r["all_results"], key=lambda x: (x["lambda"], x["threshold"])):
         print(f"{x['threshold']:>9g}  {x['lambda']:>7g}  {x['final_val_perplexity']:>10.3f}  "
               f"{x['avg_layers_executed']:>6.2f}  {x['speedup_potential']:>7.2f}x  {x['score']:>9.3f}")
     print(f"best: threshold {r['best_config']['threshold']:g}, lambda {r['best_config']['lambda']:g} "
           f"({r['score_metric']} score {r['best_score']:.3f}); {r['n_trainings']} trainings, "
-          f"{r['resumed_trials']} trials resumed")
+          f"{r['resumed_trials']} trials resumed, {r['cells_computed_here']} computed here")
     print(f"wrote {args.output_dir}/act_tuning_results.json and plots", file=sys.stderr)
     return 0
 

@@ -3,7 +3,9 @@
 ``act_threshold`` acts only at inference, so ``mode="sweep"`` (the default) trains ONE model per lambda
 and evaluates it at every threshold: a grid of T thresholds × L lambdas costs L trainings, not T × L.
 ``mode="full"`` trains every cell, as the seed does. Every cell is its own Optuna trial; with a storage
-(``sqlite:///tune.db``) an interrupted tuning resumes and skips every cell whose trial is COMPLETE.
+(``sqlite:///tune.db``) an interrupted tuning resumes and skips every cell whose trial is COMPLETE, and
+several workers may share the storage: each cell is claimed (a RUNNING trial, the lowest number wins)
+before it is computed, so every cell is computed once, and a dead worker's claims expire by heartbeat.
 
 Per configuration the results hold ``final_val_perplexity``, ``avg_layers_executed`` (the layers each
 validation batch actually ran, i.e. its deepest token, averaged over batches: a layer count in
@@ -16,10 +18,13 @@ final perplexity) / epochs trained, epochs fractional when steps are capped), ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,6 +85,165 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
+HEARTBEAT_INTERVAL = 30
+RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql")
+
+
+@contextlib.contextmanager
+def _experimental_ok():
+    """Optuna flags its heartbeat API as experimental; ponder uses it on purpose, so no warning at each call."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def open_storage(storage: Any, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_period: int | None = None) -> Any:
+    """``storage`` as Optuna takes it. An RDB URL (``sqlite://``, ``postgresql://``, ``mysql://``) becomes an
+    ``RDBStorage`` with a heartbeat: a trial whose worker has not beaten for ``grace_period`` seconds (default
+    4 x ``heartbeat_interval``) counts as stale and is failed, so a crashed worker's cells are redone. ``None``
+    (in memory) and storage objects are passed through as they are."""
+    if not isinstance(storage, str) or storage.split(":", 1)[0].split("+", 1)[0].lower() not in RDB_SCHEMES:
+        return storage
+    if heartbeat_interval < 1 or (grace_period is not None and grace_period < 1):
+        raise ConfigError("the heartbeat interval and grace period must be whole seconds >= 1")
+    import random
+
+    import sqlalchemy.exc
+
+    optuna = _quiet_optuna()
+    for attempt in range(5):  # workers started together on a new database race to create its tables
+        try:
+            with _experimental_ok():
+                return optuna.storages.RDBStorage(storage, heartbeat_interval=int(heartbeat_interval),
+                                                  grace_period=int(grace_period or 4 * heartbeat_interval))
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
+            if attempt == 4:
+                raise
+            time.sleep(0.2 + random.random())
+    raise AssertionError("not reached")
+
+
+def fail_stale_claims(study) -> None:
+    """Mark FAIL the RUNNING trials whose worker stopped beating (a no-op without a heartbeat storage)."""
+    optuna = _quiet_optuna()
+    with _experimental_ok():
+        optuna.storages.fail_stale_trials(study)
+
+
+def cell_of(trial) -> tuple | None:
+    """A grid trial's cell: ``(threshold, lambda, mode, seeds)``; None for any other trial."""
+    p, u = trial.params, trial.user_attrs
+    if "threshold" not in p or "lambda" not in p or "mode" not in u or "seeds" not in u:
+        return None
+    return (p["threshold"], p["lambda"], u["mode"], u["seeds"])
+
+
+def _holds_cell(trial) -> bool:
+    """A RUNNING claim, or a COMPLETE trial with its result: the trials that hold a cell."""
+    return trial.state.name == "RUNNING" or (trial.state.name == "COMPLETE" and "result" in trial.user_attrs)
+
+
+def create_claim(study, template) -> int:
+    """Create ``template`` (a RUNNING trial of one cell) in ``study``; returns its trial id. The storage numbers
+    trials in one locked transaction, so trial numbers follow the order the claims were committed in."""
+    return study._storage.create_new_trial(study._study_id, template_trial=template)
+
+
+def resolve_claims(study, trial_ids: Sequence[int]) -> dict[int, bool]:
+    """``{trial_id: won}`` for claims this worker created. Among the RUNNING or COMPLETE trials of a cell, the
+    lowest number wins; a losing claim is marked FAIL, its user attr ``duplicate_of`` naming the winner.
+
+    Race-free because claims are committed one at a time (the storage locks the study to number a trial)
+    and a worker reads the trials only after its own claim is committed: of two claims on one cell, the
+    later one's creator always sees the earlier one, so it cannot also win while the earlier one is alive.
+    The earlier one's creator may or may not see the later claim; either way the later number loses. A
+    claim that turns FAIL (its worker died or was interrupted) stops holding the cell, and the next claim
+    wins, so a cell is COMPLETE at most once: a FAIL trial can no longer be finished."""
+    optuna = _quiet_optuna()
+    storage = study._storage
+    live = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,
+                                                    optuna.trial.TrialState.COMPLETE))
+    holder: dict[tuple, int] = {}
+    for t in live:  # sorted by number: the first trial seen of a cell is its lowest
+        cell = cell_of(t)
+        if cell is not None and _holds_cell(t):
+            holder.setdefault(cell, t.number)
+    won = {}
+    for trial_id in trial_ids:
+        mine = storage.get_trial(trial_id)
+        winner = holder.get(cell_of(mine), mine.number)
+        won[trial_id] = winner == mine.number
+        if not won[trial_id]:
+            try:
+                storage.set_trial_user_attr(trial_id, "duplicate_of", winner)
+                storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # already failed (as stale): it holds nothing either way
+    return won
+
+
+class _Heartbeat:
+    """Beats for the trials this worker holds, every ``heartbeat_interval`` seconds, from a daemon thread;
+    nothing at all when the storage has no heartbeat."""
+
+    def __init__(self, storage) -> None:
+        import threading
+
+        get_interval = getattr(storage, "get_heartbeat_interval", None)
+        self.interval = get_interval() if get_interval is not None else None
+        self.storage, self.held = storage, set()
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = (threading.Thread(target=self._run, name="ponder-tune-heartbeat", daemon=True)
+                        if self.interval else None)
+
+    def _beat(self, trial_id: int) -> None:
+        try:
+            self.storage.record_heartbeat(trial_id)
+        except Exception:  # a busy database: the next beat comes within the grace period
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                held = list(self.held)
+            for trial_id in held:
+                self._beat(trial_id)
+
+    def __enter__(self) -> _Heartbeat:
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def hold(self, trial_id: int) -> None:
+        with self._lock:
+            self.held.add(trial_id)
+        if self.interval:
+            self._beat(trial_id)  # at once: a claim that never beat is never found stale
+
+    def release(self, trial_id: int) -> None:
+        with self._lock:
+            self.held.discard(trial_id)
+
+    def fail_held(self, reason: str) -> None:
+        """Mark FAIL every claim still held (an exception or Ctrl-C), so a restarted run redoes them at once."""
+        optuna = _quiet_optuna()
+        with self._lock:
+            held, self.held = list(self.held), set()
+        for trial_id in held:
+            try:
+                self.storage.set_trial_user_attr(trial_id, "interrupted", reason)
+                self.storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+            except Exception:
+                pass
+
+
 class ACTHyperparameterTuner:
     """Grid (or Pareto) search over ACT's threshold and lambda for a small PonderLM.
 
@@ -97,6 +261,7 @@ class ACTHyperparameterTuner:
         self.lr, self.max_steps, self.max_eval_batches = lr, max_steps, max_eval_batches
         self.device = torch.device(device)
         self.progress = progress
+        self.poll_interval = 1.0  # seconds between looks at a shared storage while other workers finish
         self.n_trainings = 0
         self.results: list[dict[str, Any]] = []
         self.best_config: dict[str, float] | None = None
@@ -214,17 +379,31 @@ class ACTHyperparameterTuner:
         return optuna.create_study(study_name=name, storage=storage, sampler=sampler, directions=directions,
                                    load_if_exists=True)
 
+    def _wait_note(self, bar, note: str) -> None:
+        if self.progress:
+            bar.set_postfix_str(note)
+            bar.refresh()
+        else:
+            print(f"tune: {note}", file=sys.stderr, flush=True)
+
     def grid_search(self, train_loader: DataLoader, val_loader: DataLoader,
                     threshold_values: Sequence[float] = DEFAULT_THRESHOLDS,
                     lambda_values: Sequence[float] = DEFAULT_LAMBDAS, num_epochs: int = 3,
                     score_metric: str | Callable[[dict[str, Any]], float] = "balanced", *, mode: str = "sweep",
                     seeds: int = 1, storage: str | None = None, study_name: str | None = None,
-                    train_threshold: float | None = None) -> dict[str, Any]:
+                    train_threshold: float | None = None, heartbeat_interval: int = HEARTBEAT_INTERVAL,
+                    grace_period: int | None = None) -> dict[str, Any]:
         """Every threshold × lambda cell, one Optuna trial each (a GridSampler study); returns
         ``{best_config, best_score, all_results, ...}``. Cells already COMPLETE in ``storage`` are not redone.
 
         The model's threshold also decides where tokens halt DURING training; in sweep mode each lambda's
-        model trains at ``train_threshold`` (default: the grid's highest threshold) and is evaluated at all."""
+        model trains at ``train_threshold`` (default: the grid's highest threshold) and is evaluated at all.
+
+        Several workers (processes, hosts) may run this on one ``storage`` at once: each cell is claimed with
+        a RUNNING trial before it is computed (see ``resolve_claims``), so every cell is computed once. A
+        worker that runs out of cells waits for the ones others are computing, takes over any whose claim
+        turns FAIL, and reports the full table. With an RDB URL the claims beat every ``heartbeat_interval``
+        seconds and a claim silent for ``grace_period`` seconds (default 4 intervals) is failed and redone."""
         check_grid(threshold_values, lambda_values, num_epochs)
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -239,62 +418,129 @@ class ACTHyperparameterTuner:
         check_grid([train_threshold], [0.0], 1)
         lambdas = [float(v) for v in dict.fromkeys(lambda_values)]
         sampler = optuna.samplers.GridSampler({"threshold": thresholds, "lambda": lambdas}, seed=0)
-        study = self._study(optuna, storage, study_name, sampler, ["minimize"])
-        done = {(t.params["threshold"], t.params["lambda"]): t.user_attrs["result"] for t in study.trials
-                if t.state == optuna.trial.TrialState.COMPLETE and "result" in t.user_attrs
-                and t.user_attrs.get("mode") == mode and t.user_attrs.get("seeds") == seeds}
-        cells = {(t, lam): done.get((t, lam)) for lam in lambdas for t in thresholds}
-        bar = tqdm(total=len(cells), initial=sum(v is not None for v in cells.values()), desc="tune",
-                   unit="trial", disable=not self.progress, dynamic_ncols=True)
+        study = self._study(optuna, open_storage(storage, heartbeat_interval, grace_period), study_name, sampler,
+                            ["minimize"])
+        order = [(t, lam) for lam in lambdas for t in thresholds]  # every worker takes the cells in this order
+        distributions = {"threshold": optuna.distributions.CategoricalDistribution(thresholds),
+                         "lambda": optuna.distributions.CategoricalDistribution(lambdas)}
+        grids = getattr(sampler, "_all_grids", None)
+        state = optuna.trial.TrialState
+        cells = set(order)
+        computed_here = 0
 
-        def record(t, lam, result):
-            # a finished trial added to the GridSampler's study, marked with its grid point so the sampler
-            # (e.g. a later study.optimize) counts it as visited
-            result["score"] = float(score_fn(result))
-            grids = getattr(sampler, "_all_grids", None)
+        def survey() -> tuple[dict, dict]:
+            """``({cell: result}, {cell: number})``: the COMPLETE cells and the cells a live claim holds."""
+            fail_stale_claims(study)
+            complete: dict[tuple, dict] = {}
+            running: dict[tuple, int] = {}
+            for trial in study.get_trials(deepcopy=False, states=(state.RUNNING, state.COMPLETE)):
+                cell = cell_of(trial)
+                if cell is None or cell[2:] != (mode, seeds) or cell[:2] not in cells or not _holds_cell(trial):
+                    continue
+                if trial.state == state.COMPLETE:
+                    complete.setdefault(cell[:2], trial.user_attrs["result"])
+                else:
+                    running.setdefault(cell[:2], trial.number)
+            return complete, running
+
+        def template(t, lam):
+            # a RUNNING trial of the GridSampler's study, marked with its grid point so the sampler (e.g. a
+            # later study.optimize) counts it as visited
             system = ({"search_space": sampler._search_space, "grid_id": grids.index((lam, t))}
                       if grids and (lam, t) in grids else {})
-            study.add_trial(optuna.trial.create_trial(
-                params={"threshold": t, "lambda": lam},
-                distributions={"threshold": optuna.distributions.CategoricalDistribution(thresholds),
-                               "lambda": optuna.distributions.CategoricalDistribution(lambdas)},
-                value=result["score"], user_attrs={"result": result, "mode": mode, "seeds": seeds},
-                system_attrs=system))
-            cells[(t, lam)] = result
-            bar.update(1)
+            return optuna.trial.create_trial(state=state.RUNNING, params={"threshold": t, "lambda": lam},
+                                             distributions=distributions, system_attrs=system,
+                                             user_attrs={"mode": mode, "seeds": seeds})
 
-        try:
-            for lam in lambdas:
-                pending = [t for t in thresholds if cells[(t, lam)] is None]
-                if not pending:
-                    continue
-                if mode == "sweep":
-                    per_seed = [self._train_and_eval(train_loader, val_loader, pending, lam, num_epochs, s,
-                                                     train_threshold) for s in range(seeds)]
-                    for t in pending:
-                        result = self._summarise(t, lam, [r[t] for r in per_seed], len(pending))
-                        record(t, lam, {**result, "train_threshold": train_threshold})
-                else:
-                    for t in pending:
-                        runs = [self._train_and_eval(train_loader, val_loader, [t], lam, num_epochs, s)[t]
-                                for s in range(seeds)]
-                        record(t, lam, self._summarise(t, lam, runs, 1))
-        finally:
-            bar.close()
-        results = list(cells.values())
+        def claim(group: list[tuple]) -> dict[tuple, int]:
+            """Claim ``group``'s cells; ``{cell: trial_id}`` of those this worker won."""
+            fail_stale_claims(study)
+            ids = {}
+            for cell in group:
+                ids[cell] = create_claim(study, template(*cell))
+                beat.hold(ids[cell])
+            won = resolve_claims(study, list(ids.values()))
+            for trial_id, ok in won.items():
+                if not ok:
+                    beat.release(trial_id)
+            return {cell: trial_id for cell, trial_id in ids.items() if won[trial_id]}
+
+        def finish(trial_id: int, result: dict) -> None:
+            nonlocal computed_here
+            result["score"] = float(score_fn(result))
+            try:
+                study._storage.set_trial_user_attr(trial_id, "result", result)
+                # the storage's own call rather than study.tell: tell runs the GridSampler's after_trial,
+                # which calls study.stop() on the last cell, and that raises outside study.optimize
+                study._storage.set_trial_state_values(trial_id, state.COMPLETE, [result["score"]])
+            except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale meanwhile: redone elsewhere
+                print(f"tune: the claim of threshold {result['threshold']:g}, lambda {result['lambda']:g} went "
+                      "stale while it was computed; the cell is left to the worker that took it over",
+                      file=sys.stderr)
+            else:
+                computed_here += 1
+            finally:
+                beat.release(trial_id)
+
+        complete, running = survey()
+        resumed = len(complete)
+        bar = tqdm(total=len(order), initial=resumed, desc="tune", unit="trial", disable=not self.progress,
+                   dynamic_ncols=True)
+        note = None
+        with _Heartbeat(study._storage) as beat:
+            try:
+                while len(complete) < len(order):
+                    free = [c for c in order if c not in complete and c not in running]
+                    if not free:  # every missing cell is being computed by another worker
+                        n = len(order) - len(complete)
+                        waiting = f"waiting for {n} cell{'s' * (n != 1)} that other workers are running"
+                        if waiting != note:
+                            self._wait_note(bar, note := waiting)
+                        time.sleep(self.poll_interval)
+                    elif mode == "sweep":  # all of the first free lambda's cells, one training for those won
+                        lam = free[0][1]
+                        won = claim([c for c in free if c[1] == lam])
+                        if won:
+                            pending = [t for t in thresholds if (t, lam) in won]
+                            per_seed = [self._train_and_eval(train_loader, val_loader, pending, lam, num_epochs,
+                                                             s, train_threshold) for s in range(seeds)]
+                            for t in pending:
+                                result = self._summarise(t, lam, [r[t] for r in per_seed], len(pending))
+                                finish(won[(t, lam)], {**result, "train_threshold": train_threshold})
+                    else:
+                        t, lam = free[0]
+                        won = claim([(t, lam)])
+                        if won:
+                            runs = [self._train_and_eval(train_loader, val_loader, [t], lam, num_epochs, s)[t]
+                                    for s in range(seeds)]
+                            finish(won[(t, lam)], self._summarise(t, lam, runs, 1))
+                    complete, running = survey()
+                    bar.n = len(complete)
+                    bar.refresh()
+            except BaseException as e:  # Ctrl-C or an error: give this worker's claims back at once
+                beat.fail_held(f"{type(e).__name__} in the worker")
+                raise
+            finally:
+                bar.close()
+        results = [dict(complete[c]) for c in order]
         for r in results:  # a custom score re-scores resumed cells too
             r["score"] = float(score_fn(r))
         return self._finish(results, score_name, mode=mode, search="grid", seeds=seeds,
                             train_threshold=train_threshold if mode == "sweep" else "each cell's own",
-                            thresholds=thresholds, lambdas=lambdas, resumed_trials=len(done))
+                            thresholds=thresholds, lambdas=lambdas, resumed_trials=resumed,
+                            cells_computed_here=computed_here)
 
     def pareto_search(self, train_loader: DataLoader, val_loader: DataLoader, n_trials: int = 20,
                       threshold_range: tuple[float, float] = (0.5, 0.99),
                       lambda_range: tuple[float, float] = (0.001, 0.1), num_epochs: int = 3,
                       score_metric: str | Callable[[dict[str, Any]], float] = "balanced", *, seeds: int = 1,
-                      storage: str | None = None, study_name: str | None = None) -> dict[str, Any]:
+                      storage: str | None = None, study_name: str | None = None,
+                      heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_period: int | None = None) -> dict[str, Any]:
         """Multi-objective search (NSGA-II; objectives: perplexity, avg layers) for ``n_trials`` trials in all
-        (finished trials in ``storage`` count). The best config is the Pareto-optimal one with the lowest score."""
+        (finished trials in ``storage`` count). The best config is the Pareto-optimal one with the lowest score.
+
+        Several workers may share one ``storage``: together they run ``n_trials`` trials (RUNNING ones count
+        toward the total), and each waits for the others' trials before it reports."""
         check_grid(list(threshold_range), list(lambda_range), num_epochs)
         if lambda_range[0] <= 0 or threshold_range[0] > threshold_range[1] or lambda_range[0] > lambda_range[1]:
             raise ConfigError("pareto search needs lo <= hi and a lambda range above 0 (it is searched on a log scale)")
@@ -303,33 +549,73 @@ class ACTHyperparameterTuner:
         from tqdm import tqdm
 
         sampler = optuna.samplers.NSGAIISampler(seed=0, population_size=max(2, min(10, n_trials)))
-        study = self._study(optuna, storage, study_name, sampler, ["minimize", "minimize"])
-        complete = optuna.trial.TrialState.COMPLETE
-        resumed = sum(t.state == complete for t in study.trials)
+        study = self._study(optuna, open_storage(storage, heartbeat_interval, grace_period), study_name, sampler,
+                            ["minimize", "minimize"])
+        complete, running = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING
+
+        def count(*states):
+            return len(study.get_trials(deepcopy=False, states=states))
+
+        fail_stale_claims(study)
+        resumed = count(complete)
         bar = tqdm(total=n_trials, initial=min(resumed, n_trials), desc="tune", unit="trial",
                    disable=not self.progress, dynamic_ncols=True)
+        computed_here, surplus = 0, 0
 
         def objective(trial):
+            nonlocal computed_here, surplus
+            # the lowest-number rule of grid claims: a trial counts only if fewer than n_trials RUNNING or
+            # COMPLETE trials came before it (its creator sees them all), so workers that ask at the same
+            # moment never run more than n_trials in all; a surplus trial is PRUNED before any work
+            ahead = study.get_trials(deepcopy=False, states=(complete, running))
+            if sum(x.number < trial.number for x in ahead) >= n_trials:
+                surplus += 1
+                trial.set_user_attr("surplus", True)
+                raise optuna.TrialPruned(f"the study already holds {n_trials} trials")
             t = trial.suggest_float("threshold", *threshold_range)
             lam = trial.suggest_float("lambda", *lambda_range, log=True)
             runs = [self._train_and_eval(train_loader, val_loader, [t], lam, num_epochs, s)[t] for s in range(seeds)]
             result = self._summarise(t, lam, runs, 1)
             trial.set_user_attr("result", result)
+            values = result["final_val_perplexity"], result["avg_layers_executed"]
+            if all(math.isfinite(v) for v in values):
+                computed_here += 1
             bar.update(1)
-            return result["final_val_perplexity"], result["avg_layers_executed"]
+            return values
 
+        # every worker stops once the study holds n_trials trials, its own and the others' (RUNNING included)
+        stop = optuna.study.MaxTrialsCallback(n_trials, states=(complete, running))
+        note = None
         try:
-            if n_trials > resumed:
-                study.optimize(objective, n_trials=n_trials - resumed)
+            while True:
+                fail_stale_claims(study)
+                todo = n_trials - count(complete, running)
+                if todo > 0:
+                    before = computed_here, surplus
+                    with _experimental_ok():
+                        study.optimize(objective, n_trials=todo, callbacks=[stop])
+                    if (computed_here, surplus) == before:  # every trial FAILed (values not finite): stop here
+                        break
+                    continue
+                others = count(running)
+                if not others:
+                    break
+                waiting = f"waiting for {others} trial{'s' * (others != 1)} that other workers are running"
+                if waiting != note:
+                    self._wait_note(bar, note := waiting)
+                bar.n = min(count(complete), n_trials)
+                bar.refresh()
+                time.sleep(self.poll_interval)
         finally:
             bar.close()
-        results = [t.user_attrs["result"] for t in study.trials if t.state == complete and "result" in t.user_attrs]
+        results = [dict(t.user_attrs["result"]) for t in study.get_trials(deepcopy=False, states=(complete,))
+                   if "result" in t.user_attrs]
         for r in results:
             r["score"] = float(score_fn(r))
         front = pareto_front([(r["final_val_perplexity"], r["avg_layers_executed"]) for r in results])
         return self._finish(results, score_name, mode="full", search="pareto", seeds=seeds, candidates=front,
-                            resumed_trials=resumed, threshold_range=list(threshold_range),
-                            lambda_range=list(lambda_range))
+                            resumed_trials=resumed, cells_computed_here=computed_here,
+                            threshold_range=list(threshold_range), lambda_range=list(lambda_range))
 
     def _finish(self, results, score_name, candidates=None, **meta) -> dict[str, Any]:
         pool = [results[i] for i in candidates] if candidates is not None else results
@@ -406,9 +692,12 @@ def run_act_hyperparameter_tuning(data_path: str | Path | None = None, batch_siz
                                   d_model: int = 64, n_layers: int = 4, n_seq: int = 128,
                                   max_steps: int | None = None, max_eval_batches: int | None = None,
                                   device: str = "cpu", progress: bool = True,
-                                  train_threshold: float | None = None) -> dict[str, Any]:
+                                  train_threshold: float | None = None,
+                                  heartbeat_interval: int = HEARTBEAT_INTERVAL,
+                                  grace_period: int | None = None) -> dict[str, Any]:
     """Load data, tune, and write ``act_tuning_results.json``, ``act_tuning_heatmap.png`` (grid search)
-    and ``act_tuning_pareto.png`` into ``output_dir``; returns the results. ``data_path=None``: embedded corpus."""
+    and ``act_tuning_pareto.png`` into ``output_dir``; returns the results. ``data_path=None``: embedded corpus.
+    Several workers may share one ``storage`` (see ``ACTHyperparameterTuner.grid_search``)."""
     if search not in ("grid", "pareto"):
         raise ConfigError(f"unknown search {search!r}; choose grid or pareto")
     check_grid(threshold_values, lambda_values, num_epochs)
@@ -419,7 +708,7 @@ def run_act_hyperparameter_tuning(data_path: str | Path | None = None, batch_siz
     tuner = ACTHyperparameterTuner(vocab_size, d_model, n_layers, n_seq, max_steps=max_steps,
                                    max_eval_batches=max_eval_batches, device=device, progress=progress)
     common = {"num_epochs": num_epochs, "score_metric": score_metric, "seeds": seeds, "storage": storage,
-              "study_name": study_name}
+              "study_name": study_name, "heartbeat_interval": heartbeat_interval, "grace_period": grace_period}
     if search == "grid":
         results = tuner.grid_search(train_loader, val_loader, threshold_values, lambda_values, mode=mode,
                                     train_threshold=train_threshold, **common)
