@@ -7,6 +7,15 @@ dimension 1, becomes it at position ``conv``. Output shapes do not change.
 
 Replacing BatchNorm is allowed but known to cost accuracy: the DyT paper reports ResNet-50 on
 ImageNet falling from 76.2 to 68.9 top-1, and seed 001 needed ``alpha_init_value=1.0`` there.
+
+RMSNorm is recognised as torch's and ponder's own class, and as any other class whose name ends in
+``RMSNorm`` with a 1-d ``weight`` and an ``eps`` or ``variance_epsilon`` (Hugging Face's ``LlamaRMSNorm``
+and its many copies). With ``keep_affine=True`` (the default) the old layer's ``weight`` and ``bias``
+are copied into the new norm where it has a parameter of that name and shape, so a trained model keeps
+its learned gains and shifts (a freshly built one has ones and zeros either way). The gain of an RMSNorm
+class we only know by name is copied only when the layer's output for an all-ones input (RMS 1) is its
+``weight``; Gemma's RMSNorm, which scales by ``1 + weight``, fails that check and keeps the new norm's
+initial gain, with a warning.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 SOURCES = ("layernorm", "batchnorm", "rmsnorm")
@@ -35,12 +45,52 @@ def _source_of(module: nn.Module) -> tuple[str, int] | None:
     if isinstance(module, rms_types):
         shape = getattr(module, "normalized_shape", None) or (module.weight.shape[0],)
         return "rmsnorm", shape[0]
-    if type(module).__name__.endswith(("RMSNorm", "LlamaRMSNorm")) and getattr(module, "weight", None) is not None:
+    if _named_rms_norm(module):
         return "rmsnorm", module.weight.shape[0]
     return None
 
 
-def _replacement(module: nn.Module, to: str, sources: tuple[str, ...], params: dict[str, Any]) -> nn.Module | None:
+def _named_rms_norm(module: nn.Module) -> bool:
+    """An RMSNorm known only by its class name (e.g. transformers' ``LlamaRMSNorm``): a 1-d ``weight``
+    and an epsilon, under a name ending in ``RMSNorm``."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1
+            and any(isinstance(getattr(module, eps, None), float) for eps in ("eps", "variance_epsilon")))
+
+
+@torch.no_grad()
+def _gain_is_weight(module: nn.Module) -> bool:
+    """Whether an RMSNorm known only by name scales by its ``weight`` (LLaMA) rather than, say,
+    ``1 + weight`` (Gemma): its output for an all-ones input, whose RMS is 1, must be the weight."""
+    weight = module.weight
+    try:
+        out = module(torch.ones_like(weight).unsqueeze(0))
+    except Exception:  # a forward we cannot probe is one we do not trust
+        return False
+    if isinstance(out, tuple):
+        out = out[0]
+    return isinstance(out, torch.Tensor) and out.shape[-1] == weight.shape[0] and torch.allclose(
+        out.reshape(-1, weight.shape[0])[0].float(), weight.float(), rtol=1e-3, atol=1e-6)
+
+
+@torch.no_grad()
+def _carry_affine(old: nn.Module, new: nn.Module) -> None:
+    """Copy ``weight`` and ``bias`` from the old norm into the new one where names and shapes match."""
+    from ponder.plugins.norm.basic import ChannelsFirst
+
+    target = new.norm if isinstance(new, ChannelsFirst) else new
+    if _named_rms_norm(old) and not _gain_is_weight(old):
+        warnings.warn(f"{type(old).__name__}: its gain is not its weight (e.g. 1 + weight), so the learned gain "
+                      "was not carried into the new norm", stacklevel=4)
+        return
+    for name in ("weight", "bias"):
+        src, dst = getattr(old, name, None), getattr(target, name, None)
+        if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.shape == dst.shape:
+            dst.copy_(src)
+
+
+def _replacement(module: nn.Module, to: str, sources: tuple[str, ...], params: dict[str, Any],
+                 keep_affine: bool = False) -> nn.Module | None:
     from ponder import registry
 
     found = _source_of(module)
@@ -54,16 +104,19 @@ def _replacement(module: nn.Module, to: str, sources: tuple[str, ...], params: d
         ref = next(module.buffers(), None)
     if ref is not None and ref.is_floating_point():
         new = new.to(device=ref.device, dtype=ref.dtype)
+    if keep_affine:
+        _carry_affine(module, new)
     return new.train(module.training)
 
 
 def convert(model: nn.Module, to: str = "dyt", source: tuple[str, ...] | str = ("layernorm", "batchnorm"),
-            **params: Any) -> int:
+            *, keep_affine: bool = True, **params: Any) -> int:
     """Replace norm layers of ``model`` in place with the norm plugin ``to``; returns how many were replaced.
 
     ``source`` names what to replace: any of ``layernorm``, ``batchnorm``, ``rmsnorm``. ``params``
-    are the plugin's settings, checked before anything changes. A model that is itself a norm layer
-    cannot be replaced in place: use :func:`convert_module`.
+    are the plugin's settings, checked before anything changes. ``keep_affine`` copies each old
+    layer's ``weight`` and ``bias`` into its replacement where names and shapes match. A model that
+    is itself a norm layer cannot be replaced in place: use :func:`convert_module`.
     """
     from ponder import registry
 
@@ -75,7 +128,7 @@ def convert(model: nn.Module, to: str = "dyt", source: tuple[str, ...] | str = (
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            new = _replacement(child, to, sources, params)
+            new = _replacement(child, to, sources, params, keep_affine)
             if new is not None:
                 setattr(parent, name, new)
                 count += 1
@@ -83,10 +136,10 @@ def convert(model: nn.Module, to: str = "dyt", source: tuple[str, ...] | str = (
 
 
 def convert_module(module: nn.Module, to: str = "dyt", source: tuple[str, ...] | str = ("layernorm",),
-                   **params: Any) -> nn.Module:
+                   *, keep_affine: bool = True, **params: Any) -> nn.Module:
     """Like :func:`convert`, but returns the converted module (which may be a new one when
     ``module`` is itself a norm layer), as the seeds' ``convert_ln_to_*`` helpers do."""
     sources = (source,) if isinstance(source, str) else tuple(source)
-    convert(module, to, sources, **params)
-    new = _replacement(module, to, sources, params)
+    convert(module, to, sources, keep_affine=keep_affine, **params)
+    new = _replacement(module, to, sources, params, keep_affine)
     return new if new is not None else module

@@ -17,6 +17,7 @@ import torch
 from ponder import checkpoint, distributed, registry
 from ponder.config import RunConfig, check_config, parse_config
 from ponder.data import Corpus, TokenChunks, epoch_order, prepare_data, tokenizer_from_json
+from ponder.dials import Dials
 from ponder.errors import CheckpointError, ConfigError
 from ponder.evaluate import evaluate
 from ponder.model import PonderLM
@@ -30,20 +31,23 @@ class TrainingEvent:
 
     ``step`` counts optimizer steps completed: at ``on_train_start`` and ``after_backward`` it is the
     step about to be taken, at ``after_step`` the one just taken. ``loss`` is NaN at ``on_train_start``.
+    ``dials`` defaults to the model's own (``model.dials``); a caller whose model has none, such as
+    ``ponder.hf.PonderCallback`` with a Hugging Face model, passes the dials it keeps itself.
     """
 
     name: str
     step: int
     loss: float
-    model: PonderLM
+    model: torch.nn.Module  # a PonderLM in ponder's trainer
     optimizer: torch.optim.Optimizer
     total_steps: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = print  # a line for the person watching (kept clear of the progress bar)
+    dials: Dials | None = None
 
-    @property
-    def dials(self):
-        return self.model.dials
+    def __post_init__(self) -> None:
+        if self.dials is None:
+            self.dials = self.model.dials
 
 
 def resolve_device(name: str) -> torch.device:
