@@ -13,7 +13,7 @@ DISTS = Path(__file__).parent / "plugin_dists"
 
 # Tests that export a model (the dynamo exporter takes 20-40 s each) start first, so the two xdist workers end
 # together on the many short tests instead of one waiting while the other finishes a long export.
-LONG_FIRST = ("test_export.py", "test_demo.py", "test_examples.py")
+LONG_FIRST = ("test_export.py", "test_demo.py", "test_examples.py", "test_distributed.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -78,14 +79,25 @@ def torchrun(nproc: int, *args: str, timeout: float = 180) -> subprocess.Complet
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The same run on 2 ranks and in 1 process; each rank's whole state written by tests/ddp_worker.py."""
-    root = tmp_path_factory.mktemp("ddp")
-    config = demo_with(root)
-    torchrun(2, str(WORKER), str(config), str(root / "two"), SPREAD)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    subprocess.run([sys.executable, str(WORKER), str(config), str(root / "one"), SPREAD], check=True, env=env,
-                   capture_output=True, timeout=180)
+def runs(tmp_path_factory, worker_id):
+    """The same run on 2 ranks and in 1 process; each rank's whole state written by tests/ddp_worker.py.
+    Made once per test session: the xdist workers share it (the first makes it under a lock, the other reads it)."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        shared = shared.parent
+    root = shared / "ddp-runs"
+    with FileLock(str(shared / "ddp-runs.lock")):
+        if not (root / "done").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            config = demo_with(root)
+            torchrun(2, str(WORKER), str(config), str(root / "two"), SPREAD)
+            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+            subprocess.run([sys.executable, str(WORKER), str(config), str(root / "one"), SPREAD], check=True,
+                           env=env, capture_output=True, timeout=180)
+            (root / "done").touch()
     return root
 
 
@@ -153,26 +165,25 @@ def test_only_rank_0_writes(runs):
     assert all(torch.equal(weights[k], t0[f"model.{k}"]) for k in weights)
 
 
-def test_ponder_train_nproc_resumes_like_a_straight_run(tmp_path):
-    config = write_tiny_config(tmp_path, steps=8)
-    env = {"GLOO_SOCKET_IFNAME": "lo"}
-    straight = run_ponder("train", "--config", str(config), "--out", str(tmp_path / "straight"), "--nproc", "2",
-                          "--no-progress", env=env)
-    assert straight.stderr.count("training ") == 1 and "x 2 processes" in straight.stderr
-    assert straight.stdout.count("checkpoint:") == 1
-    run_ponder("train", "--config", str(config), "--out", str(tmp_path / "split"), "--nproc", "2", "--steps", "4",
-               "--no-progress", env=env)
-    resumed = run_ponder("train", "--out", str(tmp_path / "split"), "--resume", "--nproc=2", "--steps", "8",
-                         "--no-progress", env=env)
-    assert "from step 4 to 8" in resumed.stderr
-    a = load_file(str(checkpoint.resolve(tmp_path / "straight") / checkpoint.MODEL))
-    b = load_file(str(checkpoint.resolve(tmp_path / "split") / checkpoint.MODEL))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def test_ponder_train_nproc_resumes_like_a_straight_run(runs, tmp_path):
+    """`ponder train --nproc 2 --resume` from the 2-rank run's step-4 checkpoint ends where that run ended."""
+    straight, split = runs / "two", tmp_path / "split"
+    shutil.copytree(straight, split, ignore=shutil.ignore_patterns("rank*"))
+    first, last = sorted(p.name for p in (split / "checkpoints").iterdir())
+    shutil.rmtree(split / "checkpoints" / last)
+    (split / "latest").write_text(first + "\n")
+    resumed = run_ponder("train", "--out", str(split), "--resume", "--nproc=2", "--no-progress",
+                         env={"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
+    assert resumed.stderr.count("training ") == 1 and "x 2 processes" in resumed.stderr
+    assert f"from step {STEPS // 2} to {STEPS}" in resumed.stderr and resumed.stdout.count("checkpoint:") == 1
+    a = load_file(str(checkpoint.resolve(straight) / checkpoint.MODEL))
+    b = load_file(str(checkpoint.resolve(split) / checkpoint.MODEL))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     def timeless(folder):
         return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in metrics(folder)]
 
-    assert timeless(tmp_path / "split") == timeless(tmp_path / "straight")  # one log, as if never interrupted
+    assert timeless(split) == timeless(straight)  # one log, as if never interrupted
 
 
 def test_a_global_batch_that_does_not_split_is_refused_before_any_process_starts(tmp_path):
