@@ -281,7 +281,7 @@ def test_claim_race_lowest_number_wins(tmp_path):
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState, create_trial
 
-    from ponder.tune import create_claim, resolve_claims
+    from ponder.tune_claims import create_claim, resolve_claims
 
     url = f"sqlite:///{tmp_path / 'claims.db'}"
     optuna.create_study(study_name="c", storage=url)
@@ -316,7 +316,7 @@ def _running_claim(url, name, cell, thresholds, lambdas):
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState, create_trial
 
-    from ponder.tune import create_claim, open_storage
+    from ponder.tune_claims import create_claim, open_storage
 
     storage = open_storage(url, heartbeat_interval=1, grace_period=1)
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True)
