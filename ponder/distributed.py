@@ -41,8 +41,9 @@ class Dist:
     def _device(self) -> torch.device:
         import torch.distributed as dist
 
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device(
-            "cpu")
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def mean(self, values: Sequence[float]) -> list[float]:
         """The mean over ranks of each value (one all-reduce for all of them)."""
@@ -73,12 +74,6 @@ class Dist:
         box = [obj]
         dist.broadcast_object_list(box, src=0, device=self._device())
         return box[0]
-
-    def barrier(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
 
 
 SINGLE = Dist()
@@ -179,4 +174,6 @@ def launch(nproc: int, argv: Sequence[str], *, grace_s: float = 10.0) -> int:
 def _loopback_interface() -> str:
     """The name of the loopback interface (``lo`` on Linux, ``lo0`` on macOS and the BSDs)."""
     names = {name for _, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
-    return "lo" if "lo" in names or not names else next((n for n in sorted(names) if n.startswith("lo")), "lo")
+    if "lo" in names:
+        return "lo"
+    return next((n for n in sorted(names) if n.startswith("lo")), "lo")

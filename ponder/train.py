@@ -305,7 +305,6 @@ class Trainer:
                         self._record(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", ppl=f"{record['perplexity']:.2f}",
                                     layers=f"{record['layers_executed']:.2f}", refresh=False)
-
                     window = dict.fromkeys(window, 0.0)
                     started = time.perf_counter()
                 if self.step % t.eval_every == 0 or self.step == t.steps:
