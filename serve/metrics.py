@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 LAYER_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64)
@@ -25,11 +29,41 @@ class Metrics:
         self._http: Any = None
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Expose /metrics over HTTP on ``host:port`` (0 picks a free port); returns the port."""
-        from prometheus_client import start_http_server
+        """Expose ``/metrics`` over HTTP on ``host:port`` (0 picks a free port); returns the port. Every other path
+        answers 404, so an HTTP health probe or client pointed here by mistake fails instead of reading "ready"."""
+        registry = self.registry
 
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._http.server_port)
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's API)
+                self._answer(send_body=True)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self._answer(send_body=False)
+
+            def _answer(self, send_body: bool) -> None:
+                if urlsplit(self.path).path.rstrip("/") == "/metrics":
+                    status, kind, body = 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+                else:
+                    status, kind = 404, "text/plain; charset=utf-8"
+                    body = b"not found: this port serves Prometheus metrics at /metrics only\n"
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if send_body:
+                    self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's API)
+                pass  # scrapes every few seconds would flood the server's log
+
+        class Server(ThreadingHTTPServer):
+            address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # IPv4 or IPv6
+            daemon_threads = True
+
+        server = Server((host, port), Handler)
+        threading.Thread(target=server.serve_forever, name="ponder-metrics", daemon=True).start()
+        self._http = server
+        return int(server.server_port)
 
     def close(self) -> None:
         if self._http is not None:

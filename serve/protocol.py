@@ -137,14 +137,30 @@ def set_param(params: Any, key: str, value: bool | int | float | str) -> None:
 
 
 def read_number(params: Any, key: str, *, integer: bool = False) -> float | int | None:
-    """A numeric request parameter, or None when absent; any other type is refused by name."""
+    """A numeric request parameter, or None when absent; any other type is refused by name.
+
+    A number written as a string ("0.5") is accepted too: KServe's protocol has no double_param, so its Python SDK
+    sends floats as string_param."""
     if key not in params:
         return None
     which = params[key].WhichOneof("parameter_choice")
     value = param_value(params[key])
     if which in ("int64_param", "uint64_param") or (which == "double_param" and not integer):
         return value  # type: ignore[return-value]
-    want = "an integer (int64_param)" if integer else "a number (double_param or int64_param)"
+    want = "an integer (int64_param, or a string such as '16')" if integer else \
+        "a number (double_param, int64_param, or a string such as '0.5')"
+    if which == "string_param":
+        number = _parse_number(value.strip(), integer)  # type: ignore[union-attr]
+        if number is not None:
+            return number
     got = "nothing" if which is None else f"{which}={value!r}"
     raise invalid(f"parameter {key!r} must be {want}, got {got}")
 
+
+def _parse_number(text: str, integer: bool) -> float | int | None:
+    if len(text) > 64:
+        return None
+    try:
+        return int(text) if integer else float(text)
+    except ValueError:
+        return None

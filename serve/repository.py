@@ -41,20 +41,27 @@ class Stats:
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, *, ok: bool, total_s: float, queue_s: float = 0.0, compute_s: float = 0.0,
-               batch: int = 0, executions: int = 0) -> None:
+               input_s: float = 0.0, output_s: float = 0.0, batch: int = 0, executions: int = 0) -> None:
+        """One request. ``input_s``: decoding and checking its inputs; ``compute_s``: the model runs;
+        ``output_s``: building the response(s). The three compute counts move together by ``executions``, as
+        Triton's do (perf_analyzer refuses statistics where they differ)."""
         with self.lock:
             (self.success if ok else self.fail).add(total_s)
             if executions:
                 self.queue.add(queue_s)
-                self.compute_infer.count += executions
-                self.compute_infer.ns += int(compute_s * 1e9)
+                for duration, seconds in ((self.compute_input, input_s), (self.compute_infer, compute_s),
+                                          (self.compute_output, output_s)):
+                    duration.count += executions
+                    duration.ns += int(seconds * 1e9)
                 self.inference_count += batch
                 self.execution_count += executions
                 self.last_inference_ms = int(time.time() * 1e3)
@@ -74,11 +81,16 @@ class ModelVersion:
         return self.engine is not None
 
 
+def check_root(root: str | Path) -> Path:
+    """``root`` as a Path, or a PonderError when it is not a folder."""
+    if not Path(root).is_dir():
+        raise PonderError(f"--repository {str(root)!r} is not a folder (expected ROOT/NAME/VERSION/model.onnx)")
+    return Path(root)
+
+
 class Repository:
     def __init__(self, root: str | Path, threads: int | None = None) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise PonderError(f"--repository {str(root)!r} is not a folder (expected ROOT/NAME/VERSION/model.onnx)")
+        self.root = check_root(root)
         self.threads = threads
         self.models: dict[str, dict[str, ModelVersion]] = {}
         self._scan()

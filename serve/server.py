@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,13 +32,14 @@ from ponder.serve import inference_pb2 as pb
 from ponder.serve import inference_pb2_grpc as pb_grpc
 from ponder.serve.metrics import Metrics
 from ponder.serve.protocol import RequestError
-from ponder.serve.repository import ModelVersion, Repository
+from ponder.serve.repository import ModelVersion, Repository, check_root
 from ponder.serve.requests import IDS_OUTPUTS, TEXT_OUTPUTS, Step, parse, respond
 
 log = logging.getLogger("ponder.serve")
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSIONS = ["model_configuration", "statistics", "parameters", "streaming", "model_repository_index"]
 SPARE_THREADS = 8  # for cheap RPCs (health, metadata) beyond the inference capacity
+MAX_MESSAGE_MB = 2047  # gRPC keeps message limits in a signed 32-bit count of bytes
 
 
 class Admission:
@@ -75,8 +77,7 @@ class Admission:
             self._admitted += 1
             self._update()
         try:
-            remaining = context.time_remaining()
-            if not self._slots.acquire(timeout=remaining):
+            if not self._slots.acquire(timeout=_wait_limit(context.time_remaining())):
                 raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                    "the deadline passed while the request waited in the queue; it was not computed")
             try:
@@ -96,6 +97,15 @@ class Admission:
             with self._lock:
                 self._admitted -= 1
                 self._update()
+
+
+def _wait_limit(remaining: float | None) -> float | None:
+    """How long to wait for a slot: the time left before the deadline, or no limit when the client sent none.
+
+    With no deadline grpc reports an enormous time remaining (tritonclient's default), which no lock wait accepts."""
+    if remaining is None or remaining >= threading.TIMEOUT_MAX:
+        return None
+    return max(remaining, 0.0)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -170,10 +180,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                       "max_seq_len": engine.max_seq_len, "vocab_size": engine.vocab_size,
                       "tokenizer": "byte" if engine.byte_level else "word", "version": mv.version,
                       "halting": engine.metadata.get("halting", {}).get("name", ""),
-                      "norm": engine.metadata.get("norm", {}).get("name", "")}
+                      "norm": engine.metadata.get("norm", {}).get("name", ""),
+                      "generation": (f"input text (BYTES [1]) and parameter max_new_tokens; outputs "
+                                     f"{', '.join(TEXT_OUTPUTS)}" if engine.byte_level else "none")}
             cfg = pb.ModelConfig(
                 name=mv.name, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=0,
-                input=[pb.ModelInput(name=n, data_type=_TYPES[d], dims=s, optional=len(inputs) > 1)
+                input=[pb.ModelInput(name=n, data_type=_TYPES[d], dims=s)
                        for n, d, s in inputs],
                 output=[pb.ModelOutput(name=n, data_type=_TYPES[d], dims=s) for n, d, s in outputs])
             for key, value in params.items():
@@ -201,14 +213,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         status, steps, mv = "INTERNAL", [], None
         try:
             mv = self.repo.find(request.model_name, request.model_version)
-            job = parse(request, mv.engine)
+            job, input_s = _timed(parse, request, mv.engine)
             with self.admission.slot(context) as queue_s:
                 step = job.run()
             steps, server_s = [step], time.perf_counter() - start
-            mv.stats.record(ok=True, total_s=server_s, queue_s=queue_s, compute_s=step.compute_s,
-                            batch=step.batch, executions=step.executions)
+            response, output_s = _timed(respond, request, mv.name, mv.version, step, queue_s=queue_s,
+                                        server_s=server_s)
+            mv.stats.record(ok=True, total_s=time.perf_counter() - start, queue_s=queue_s, input_s=input_s,
+                            compute_s=step.compute_s, output_s=output_s, batch=step.batch,
+                            executions=step.executions)
             status = "OK"
-            return respond(request, mv.name, mv.version, step, queue_s=queue_s, server_s=server_s)
+            return response
         except RequestError as exc:
             status = exc.code.name
             context.abort(exc.code, exc.message)
@@ -242,44 +257,57 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _stream_one(self, request: Any, context: grpc.ServicerContext, start: float) -> Iterator[tuple[Any, Step]]:
         mv = self.repo.find(request.model_name, request.model_version)
-        job = parse(request, mv.engine)
+        job, input_s = _timed(parse, request, mv.engine)
         ok = False
         try:
             with self.admission.slot(context) as queue_s:
                 if not job.generates:
                     step = job.run()
-                    server_s = time.perf_counter() - start
-                    mv.stats.record(ok=True, total_s=server_s, queue_s=queue_s, compute_s=step.compute_s,
+                    response, output_s = _timed(respond, request, mv.name, mv.version, step, queue_s=queue_s,
+                                                server_s=time.perf_counter() - start)
+                    mv.stats.record(ok=True, total_s=time.perf_counter() - start, queue_s=queue_s,
+                                    input_s=input_s, compute_s=step.compute_s, output_s=output_s,
                                     batch=step.batch, executions=step.executions)
                     ok = True
-                    yield respond(request, mv.name, mv.version, step, queue_s=queue_s, server_s=server_s), step
+                    yield response, step
                     return
-                compute, count = 0.0, 0
+                waited, compute, output_s, count = queue_s, 0.0, 0.0, 0
                 for step in job.steps():
                     if not context.is_active():
                         break  # the client left: stop computing
                     compute += step.compute_s
                     count += 1
-                    yield respond(request, mv.name, mv.version, step, queue_s=queue_s,
-                                  server_s=time.perf_counter() - start), step
+                    response, seconds = _timed(respond, request, mv.name, mv.version, step, queue_s=queue_s,
+                                               server_s=time.perf_counter() - start)
+                    output_s += seconds
+                    yield response, step
                     queue_s = 0.0  # waited once, before the first token
                 ok = True
-                mv.stats.record(ok=True, total_s=time.perf_counter() - start, queue_s=queue_s,
-                                compute_s=compute, executions=count)
+                mv.stats.record(ok=True, total_s=time.perf_counter() - start, queue_s=waited, input_s=input_s,
+                                compute_s=compute, output_s=output_s, batch=1, executions=count)
         finally:
             if not ok:
                 mv.stats.record(ok=False, total_s=time.perf_counter() - start)
 
 
+def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """``fn``'s result and the seconds it took."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
 def _signature(mv: ModelVersion) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]:
+    """The one request shape that metadata advertises: ``input_ids`` in, every output of a forward pass out.
+
+    Generic clients (perf_analyzer, genai-perf's input builders) send every advertised input and ask for every
+    advertised output, so only inputs that go together are listed. Generation from ``text`` (byte-level models)
+    is a second request shape, named in the model config's ``generation`` parameter and in docs/serving.md."""
     engine = mv.engine
     assert engine is not None
     inputs = [("input_ids", "INT64", [-1, -1])]
     outputs = [("logits", "FP32", [-1, -1, engine.vocab_size]), ("token_depth", "INT64", [-1, -1])]
-    if engine.byte_level:
-        inputs.append(("text", "BYTES", [1]))
-        outputs += [("text", "BYTES", [1]), ("token_ids", "INT64", [-1]), ("token_layers", "INT64", [-1])]
-    assert [o[0] for o in outputs] == list(IDS_OUTPUTS + (TEXT_OUTPUTS if engine.byte_level else ()))
+    assert [o[0] for o in outputs] == list(IDS_OUTPUTS)
     return inputs, outputs
 
 
@@ -295,8 +323,10 @@ def _stats(v: ModelVersion) -> Any:
         return pb.ModelStatistics(
             name=v.name, version=v.version, last_inference=s.last_inference_ms, inference_count=s.inference_count,
             execution_count=s.execution_count,
-            inference_stats=pb.InferStatistics(success=duration(s.success), fail=duration(s.fail),
-                                               queue=duration(s.queue), compute_infer=duration(s.compute_infer)))
+            inference_stats=pb.InferStatistics(
+                success=duration(s.success), fail=duration(s.fail), queue=duration(s.queue),
+                compute_input=duration(s.compute_input), compute_infer=duration(s.compute_infer),
+                compute_output=duration(s.compute_output)))
 
 
 @dataclass
@@ -314,7 +344,23 @@ class TLSFiles:
 
         key, cert = read(self.key, "--tls-key"), read(self.cert, "--tls-cert")
         ca = read(self.ca, "--tls-ca") if self.ca else None
+        self._check_pem()
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+    def _check_pem(self) -> None:
+        """grpc reports unusable TLS files only as "Failed to bind"; Python's ssl module says what is wrong."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(str(self.cert), str(self.key), password=b"")  # never prompts for a password
+        except ssl.SSLError as exc:
+            raise PonderError(f"--tls-cert {str(self.cert)!r} and --tls-key {str(self.key)!r} must be a PEM "
+                              f"certificate and its unencrypted PEM private key: {exc.reason or exc}") from None
+        if self.ca:
+            try:
+                context.load_verify_locations(cafile=str(self.ca))
+            except ssl.SSLError as exc:
+                raise PonderError(f"--tls-ca {str(self.ca)!r} must hold PEM certificates: "
+                                  f"{exc.reason or exc}") from None
 
 
 @dataclass
@@ -346,22 +392,44 @@ class Server:
 def create_server(repository: str | Path | Repository, address: str = "127.0.0.1:0", *, workers: int = 2,
                   max_queue: int = 64, max_message_mb: int = 64, tls: TLSFiles | None = None,
                   metrics_port: int | None = None, threads: int | None = None) -> tuple[Server, int]:
-    """A server for every model under ``repository``, bound to ``address`` (not started); returns it and the port."""
-    for flag, value, low in (("--workers", workers, 1), ("--max-queue", max_queue, 0),
-                             ("--max-message-mb", max_message_mb, 1)):
-        if value < low:
-            raise PonderError(f"{flag} must be >= {low}, got {value}")
+    """A server for every model under ``repository``, bound to ``address`` (not started); returns it and the port.
+
+    Everything that can fail fast (settings, TLS files, the ports) is checked before any model is loaded."""
+    for flag, value, low, high in (("--workers", workers, 1, None), ("--max-queue", max_queue, 0, None),
+                                   ("--max-message-mb", max_message_mb, 1, MAX_MESSAGE_MB)):
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise PonderError(f"{flag} must be {bound}, got {value}")
     _check_address(address)
-    repo = repository if isinstance(repository, Repository) else Repository(repository, threads=threads)
+    if not isinstance(repository, Repository):
+        check_root(repository)
+    credentials = tls.credentials() if tls else None
     metrics = Metrics()
-    admission = Admission(workers, max_queue, metrics)
-    servicer = InferenceServicer(repo, admission, metrics)
     pool_size = workers + max_queue + SPARE_THREADS
     limit = max_message_mb * 1024 * 1024
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="ponder-rpc"),
                          maximum_concurrent_rpcs=pool_size,
                          options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                                   ("grpc.so_reuseport", 0)])
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise PonderError(f"cannot listen on {address}: {exc} (is the port in use?)") from None
+    served_metrics = None
+    try:
+        if metrics_port is not None:
+            host = address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
+            try:
+                served_metrics = metrics.serve(metrics_port, host)
+            except OSError as exc:
+                raise PonderError(f"cannot serve metrics on {host}:{metrics_port}: {exc.strerror or exc}") from None
+        repo = repository if isinstance(repository, Repository) else Repository(repository, threads=threads)
+    except BaseException:
+        server.stop(None)
+        metrics.close()
+        raise
+    admission = Admission(workers, max_queue, metrics)
+    servicer = InferenceServicer(repo, admission, metrics)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -370,19 +438,7 @@ def create_server(repository: str | Path | Repository, address: str = "127.0.0.1
     reflection.enable_server_reflection(
         [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server,
         pool=_ReflectionPool())
-    try:
-        port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise PonderError(f"cannot listen on {address}: {exc} (is the port in use?)") from None
-    built = Server(server, servicer, health_servicer, metrics, port)
-    if metrics_port is not None:
-        host = address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
-        try:
-            built.metrics_port = metrics.serve(metrics_port, host)
-        except OSError as exc:
-            server.stop(None)
-            raise PonderError(f"cannot serve metrics on {host}:{metrics_port}: {exc.strerror or exc}") from None
-    return built, port
+    return Server(server, servicer, health_servicer, metrics, port, served_metrics), port
 
 
 class _ReflectionPool:
