@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 
-def run_ponder(*args: str, paths=(), env=None, check=True) -> subprocess.CompletedProcess:
-    """Run the real ``ponder`` CLI in a separate process, with ``paths`` on PYTHONPATH."""
+def run_ponder(*args: str, paths=(), env=None, check=True, cwd=None, timeout=120) -> subprocess.CompletedProcess:
+    """Run the real ``ponder`` CLI in a separate process (in folder ``cwd``), with ``paths`` on PYTHONPATH."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PONDER_")}
     full_env["PYTHONPATH"] = os.pathsep.join(str(p) for p in paths)
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, "-m", "ponder", *args], capture_output=True, text=True,
-                          env=full_env, timeout=120)
+                          env=full_env, timeout=timeout, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"ponder {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
     return proc

@@ -34,3 +34,12 @@ def test_the_commands_the_readme_shows_accept_its_flags():
 def test_the_docs_the_readme_links_exist():
     for target in re.findall(r"\]\(((?:docs|tests|examples)/[^)#]+)\)", README):
         assert (ROOT / target).exists(), target
+
+
+def test_ci_runs_the_readmes_two_commands_in_the_readmes_order():
+    """`make demo` then `make test` once failed (a compile step in the Makefile); CI now proves that order."""
+    section = README.split("## Two commands", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    shown = [line.split("#")[0].strip() for line in section.strip().splitlines()]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip().startswith("make ")]
+    assert shown == ["make demo", "make test"] and ci == shown
