@@ -161,7 +161,7 @@ def _export(o: DemoOptions, ckpt: Path, say: Callable[[str], None]) -> str:
 def _serve_and_measure(o: DemoOptions, ckpt: Path, version: str, say: Callable[[str], None]) -> dict[str, Any]:
     from ponder.serve.bench import Remote, Settings, machine, measure, served
 
-    rows = _validation_rows(ckpt)
+    rows, text = _validation_rows(ckpt)
     settings = Settings(thresholds=o.thresholds, batch_sizes=(1,), requests=o.requests, warmup=o.warmup)
     with served(o.repository, workers=1) as (address, proc):
         say(f"[3/4] started `ponder serve --repository {o.repository}` on {address} (pid {proc.pid})")
@@ -176,21 +176,24 @@ def _serve_and_measure(o: DemoOptions, ckpt: Path, version: str, say: Callable[[
     say(f"      stopped the server (pid {proc.pid}): exit status {proc.returncode}")
     return {"model": o.name, "version": version, "checkpoint": str(ckpt), "via": "grpc", "address": address,
             "server_pid": proc.pid, "server_exit_status": proc.returncode, "n_layers": runner.n_layers,
-            "seq_len": rows.shape[1] - 1, "sequences": len(rows), "concurrency": 1, "requests": o.requests,
-            "warmup": o.warmup, "machine": machine(), "rows": results, "samples": samples}
+            "seq_len": rows.shape[1] - 1, "sequences": len(rows), "text": text, "concurrency": 1,
+            "requests": o.requests, "warmup": o.warmup, "machine": machine(), "rows": results, "samples": samples}
 
 
-def _validation_rows(ckpt: Path) -> np.ndarray:
-    """The run's own validation split as rows of seq_len + 1 token ids (what the model never trained on)."""
+def _validation_rows(ckpt: Path) -> tuple[np.ndarray, str]:
+    """The run's own validation split as rows of seq_len + 1 token ids (what the model never trained on), and
+    which text that is, in words."""
     from ponder.checkpoint import read_config
     from ponder.config import parse_config
     from ponder.data import prepare_data, tokenizer_from_json
-    from ponder.serve.bench import cut_rows
+    from ponder.serve.bench import EMBEDDED_TEXT, cut_rows
 
     saved = read_config(ckpt)
     run = parse_config(saved["run"])
     ids = prepare_data(run.data, tokenizer_from_json(saved["tokenizer"])).splits["valid"].numpy()
-    return cut_rows(ids, min(run.train.seq_len, run.model.max_seq_len), "the validation split")
+    rows = cut_rows(ids, min(run.train.seq_len, run.model.max_seq_len), "the validation split")
+    text = EMBEDDED_TEXT if run.data.source == "embedded" else f"the validation split of {run.data.path}"
+    return rows, text
 
 
 def _sample(runner: Remote, o: DemoOptions, threshold: float) -> dict[str, Any]:
@@ -230,7 +233,7 @@ def _ticking(desc: str, enabled: bool) -> Iterator[None]:
 
 
 def _print_summary(report: dict[str, Any], say: Callable[[str], None]) -> None:
-    from ponder.serve.bench import format_table
+    from ponder.serve.bench import format_table, text_line
 
     rows = report["rows"]
     say("")
@@ -241,6 +244,7 @@ def _print_summary(report: dict[str, Any], say: Callable[[str], None]) -> None:
         "speed-up: p50 at threshold 1 over p50; ideal: n_layers / layers executed (the layer loop alone); "
         "per token: n_layers / mean token depth (the bound for compaction, which runs each layer on its running "
         "tokens)")
+    say(text_line(report))
     low, full = rows[0], next(r for r in rows if r["threshold"] == 1.0)
     if low is not full:
         say(f"At threshold {low['threshold']:g} a request runs {low['layers_executed']:.2f} of {report['n_layers']} "

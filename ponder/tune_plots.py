@@ -5,20 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ponder.plots import _pyplot, _save
+from ponder.plots import new_figure, save
 
 
-def plot_heatmaps(results: list[dict[str, Any]], best: dict[str, float], path: str | Path,
-                  score_name: str = "score") -> Path:
-    """Left: validation perplexity; middle: avg layers executed; right: score. A white star on the best cell."""
+def heatmaps_figure(results: list[dict[str, Any]], best: dict[str, float], score_name: str = "score") -> Any:
+    """Left: validation perplexity; middle: avg layers executed; right: score. Each cell shows its value at its
+    centre; the best cell has a white frame and a star in its corner."""
     import numpy as np
+    from matplotlib.patches import Rectangle
 
-    plt = _pyplot()
     thresholds = sorted({r["threshold"] for r in results})
     lambdas = sorted({r["lambda"] for r in results})
     panels = [("final_val_perplexity", "Validation perplexity"), ("avg_layers_executed", "Avg layers executed"),
               ("score", f"Score ({score_name}, lower is better)")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig = new_figure(figsize=(15, 4.4))
+    axes = fig.subplots(1, 3)
     for ax, (key, title) in zip(axes, panels, strict=True):
         grid = np.full((len(lambdas), len(thresholds)), np.nan)
         for r in results:
@@ -27,10 +28,11 @@ def plot_heatmaps(results: list[dict[str, Any]], best: dict[str, float], path: s
         for i in range(len(lambdas)):
             for j in range(len(thresholds)):
                 if not np.isnan(grid[i, j]):
-                    ax.text(j, i - 0.3, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="black",
-                            bbox={"boxstyle": "round,pad=0.1", "fc": "white", "alpha": 0.5, "lw": 0})
-        ax.plot(thresholds.index(best["threshold"]), lambdas.index(best["lambda"]), marker="*", color="white",
-                markersize=22, markeredgecolor="black")
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8, color="black",
+                            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "alpha": 0.6, "lw": 0})
+        j, i = thresholds.index(best["threshold"]), lambdas.index(best["lambda"])
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="white", lw=3))
+        ax.plot(j - 0.5 + 0.12, i + 0.5 - 0.14, marker="*", color="white", markersize=14, markeredgecolor="black")
         ax.set_xticks(range(len(thresholds)), [f"{t:g}" for t in thresholds])
         ax.set_yticks(range(len(lambdas)), [f"{v:g}" for v in lambdas])
         ax.set_xlabel("act_threshold")
@@ -38,19 +40,26 @@ def plot_heatmaps(results: list[dict[str, Any]], best: dict[str, float], path: s
         ax.set_title(title)
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return fig
 
 
-def plot_pareto(results: list[dict[str, Any]], best: dict[str, float] | None, path: str | Path,
-                n_layers: int) -> Path:
-    """Perplexity against avg layers executed for every result; the Pareto front (both minimised) drawn."""
+def plot_heatmaps(results: list[dict[str, Any]], best: dict[str, float], path: str | Path,
+                  score_name: str = "score") -> Path:
+    """``heatmaps_figure`` saved as a PNG."""
+    return save(heatmaps_figure(results, best, score_name), path)
+
+
+def pareto_figure(results: list[dict[str, Any]], best: dict[str, float] | None, n_layers: int) -> Any:
+    """Perplexity against avg layers executed for every result; the Pareto front (both minimised) drawn. The legend
+    sits below the plot, where it hides no point."""
     from ponder.tune import pareto_front
 
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig = new_figure(figsize=(7, 5.4))
+    ax = fig.subplots()
     layers = [r["avg_layers_executed"] for r in results]
     ppl = [r["final_val_perplexity"] for r in results]
-    sc = ax.scatter(layers, ppl, c=[r["threshold"] for r in results], cmap="viridis", s=36, zorder=2)
+    sc = ax.scatter(layers, ppl, c=[r["threshold"] for r in results], cmap="viridis", s=36, zorder=2,
+                    label="one setting (colour: act_threshold)")
     fig.colorbar(sc, ax=ax, label="act_threshold")
     front = pareto_front(list(zip(layers, ppl, strict=True)))
     ax.plot([layers[i] for i in front], [ppl[i] for i in front], "-o", color="tab:red", mfc="none", ms=10,
@@ -63,6 +72,13 @@ def plot_pareto(results: list[dict[str, Any]], best: dict[str, float] | None, pa
     ax.set_xlabel(f"avg layers executed (of {n_layers})")
     ax.set_ylabel("validation perplexity")
     ax.set_title("Quality against compute")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, markerscale=0.7,
+              borderpad=0.8, handlelength=2.5)
     fig.tight_layout()
-    return _save(fig, plt, path)
+    return fig
+
+
+def plot_pareto(results: list[dict[str, Any]], best: dict[str, float] | None, path: str | Path,
+                n_layers: int) -> Path:
+    """``pareto_figure`` saved as a PNG."""
+    return save(pareto_figure(results, best, n_layers), path)

@@ -37,6 +37,7 @@ from ponder.errors import PonderError
 from ponder.serve import DEFAULT_THRESHOLDS
 
 FULL_DEPTH = 1.0
+EMBEDDED_TEXT = "the embedded corpus' validation split (Python's pydoc documentation)"
 
 
 # -- what to measure ------------------------------------------------------------------------------------------------
@@ -86,8 +87,8 @@ def resolve_target(arg: str, model: str | None = None) -> Target:
                           "NAME/VERSION/model.onnx (as `ponder export --repository` writes)")
     if model is None:
         if len(models) > 1:
-            raise PonderError(f"repository {arg!r} holds {len(models)} models ({', '.join(models)}): choose one "
-                              "with --model")
+            raise PonderError(f"repository {arg!r} holds {len(models)} models ({', '.join(models)}): name one, "
+                              f"e.g. {str(path / models[0])!r} (or --model {models[0]} where the command has it)")
         model = models[0]
     if model not in models:
         raise PonderError(f"repository {arg!r} has no model {model!r}; it holds {', '.join(models)}")
@@ -241,6 +242,7 @@ class Settings:
     warmup: int = 5
     seq_len: int | None = None  # default: the model's context
     text: str | None = None     # default: the validation part of the embedded corpus
+    text_name: str = ""         # what ``text`` is, for the report (e.g. the file it came from)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -400,9 +402,16 @@ def _measure(runner: Any, target: Target, settings: Settings, progress: bool, ad
     return {
         "model": target.name, "version": target.version, "path": str(target.path) if target.path else None,
         "via": runner.via, "address": address, "n_layers": runner.n_layers, "seq_len": seq_len,
-        "sequences": len(rows), "concurrency": settings.concurrency, "requests": settings.requests,
-        "warmup": settings.warmup, "machine": machine(), "rows": results, **settings.extra,
+        "sequences": len(rows), "text": _text_name(settings), "concurrency": settings.concurrency,
+        "requests": settings.requests, "warmup": settings.warmup, "machine": machine(), "rows": results,
+        **settings.extra,
     }
+
+
+def _text_name(settings: Settings) -> str:
+    if settings.text is None:
+        return EMBEDDED_TEXT
+    return settings.text_name or f"the given text ({len(settings.text):,} characters)"
 
 
 def machine() -> dict[str, Any]:
@@ -432,6 +441,21 @@ def format_table(rows: list[dict[str, Any]], columns: Sequence[str] = BENCH_COLU
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def text_line(report: dict[str, Any]) -> str:
+    """The line under a table or plot that says which text the perplexity is on, and how much of it was scored
+    (request i at batch size b sends sequences i*b .. i*b+b-1, so a short run scores only the first ones)."""
+    n = report["sequences"]
+    scored = {b: min(report["requests"] * b, n) for b in sorted({r["batch_size"] for r in report["rows"]})}
+    if all(count == n for count in scored.values()):
+        which = "all of them"
+    elif len(scored) == 1:
+        which = f"the first {next(iter(scored.values()))}"
+    else:
+        which = ", ".join(f"batch {b}: {'all' if c == n else f'the first {c}'}" for b, c in scored.items())
+    text = report.get("text", "the bench text")
+    return f"perplexity on: {text}, {n} sequences of {report['seq_len']} tokens ({which} scored)"
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path, stem: str = "bench", title: str = "") -> list[Path]:

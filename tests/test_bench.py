@@ -21,7 +21,7 @@ def test_resolve_target_from_every_kind_of_path(model_repository, tmp_path):
     assert resolve_target(str(repo / "tiny" / "1")).version == "1"
     assert resolve_target(str(repo / "tiny")).version == "2"  # a model folder: its newest version
     assert resolve_target(str(repo), "tiny").path == repo / "tiny" / "2" / "model.onnx"
-    with pytest.raises(PonderError, match=r"holds 2 models \(broken, tiny\): choose one with --model"):
+    with pytest.raises(PonderError, match=r"holds 2 models \(broken, tiny\): name one, e.g. .*broken"):
         resolve_target(str(repo))  # not `outside`: a link out of the repository, which the server skips too
     with pytest.raises(PonderError, match="has no model 'nope'; it holds"):
         resolve_target(str(repo), "nope")
