@@ -1,10 +1,10 @@
-"""Seed 001, experiment 2, at CPU scale: a small CNN with BatchNorm against the same CNN with DyT.
+"""DyT in place of BatchNorm, at CPU scale: a small CNN with BatchNorm against the same CNN with DyT.
 
     python examples/digits_dyt.py [--epochs 20] [--out examples/output]
 
 Data: scikit-learn's bundled 8x8 digit images (1,797 of them, no download), a fixed 80/20 split.
 The DyT model is the BatchNorm model passed through ``ponder.convert(..., to="dyt",
-source="batchnorm", alpha_init_value=1.0)``: seed 001 found that the paper's alpha 0.5 did not work
+source="batchnorm", alpha_init_value=1.0)``: earlier experiments found that the paper's alpha 0.5 did not work
 when replacing BatchNorm, and the DyT paper reports that replacing BatchNorm costs accuracy
 (ResNet-50 on ImageNet: 76.2 -> 68.9). Writes ``digits_dyt.png`` (test accuracy per epoch side by
 side with each DyT layer's alpha) and ``digits_dyt.json``.
@@ -98,7 +98,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="BatchNorm vs DyT on scikit-learn's digits (seed 001, exp. 2)")
+    parser = argparse.ArgumentParser(description="BatchNorm vs DyT on scikit-learn's digits")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="examples/output", help="folder for digits_dyt.png and .json")

@@ -1,6 +1,6 @@
 """Train a tiny GPT-2 with the Hugging Face Trainer, DyT in place of LayerNorm, DAG and loss-driven lr control.
 
-Seed 003's loss-driven control (``autonomic``) turns the learning-rate dial ``lr_scale``. Offline: the model
+The loss-driven controller (``autonomic``) turns the learning-rate dial ``lr_scale``. Offline: the model
 comes from a config, the text is Python's own documentation (``ponder.data.embedded_corpus``) read as bytes, so
 there is no tokenizer to fetch.
 

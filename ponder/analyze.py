@@ -1,4 +1,4 @@
-"""Norm analysis (seed 001): what norm layers do to their inputs, and how DyT alphas move in training.
+"""Analysis of a run: what norm layers do to their inputs, how DyT alphas and the dials move in training.
 
 ``analyze_norms`` hooks every norm layer of a model, runs a batch, and plots each layer's output
 (its per-channel affine removed) against its input: the S-curves the DyT paper reports for
@@ -128,13 +128,15 @@ def analyze_checkpoint_norms(path: str | Path, out_dir: str | Path | None = None
     """``analyze_norms`` on a ponder checkpoint, over one validation batch of its own data."""
     from ponder.checkpoint import load_model, resolve, run_folder
     from ponder.data import TokenChunks, prepare_data
+    from ponder.plots import run_label
 
     ckpt = resolve(path)
     model, tokenizer, run = load_model(ckpt)
     chunks = TokenChunks(prepare_data(run.data, tokenizer).splits["valid"], run.train.seq_len)
     x, _ = chunks.batch(torch.arange(min(run.train.batch_size, len(chunks))))
     out = Path(out_dir) if out_dir else run_folder(ckpt)
-    return analyze_norms(model, lambda: model(x, threshold=1.0), out, title=f"{ckpt.name}: norm input vs output"), out
+    title = f"{run_label(ckpt)}: norm input vs output"
+    return analyze_norms(model, lambda: model(x, threshold=1.0), out, title=title), out
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -173,7 +175,7 @@ def analyze_dials(run_dir: str | Path, out_dir: str | Path | None = None) -> tup
     report = {"dials": [{"dial": n, "first": v[0], "last": v[-1], "min": min(v), "max": max(v)}
                         for n, v in series["dials"].items()]}
     (out / "dials.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_dials({Path(run_dir).name: series}, out / "dials.png")
+    plot_dials({Path(run_dir).resolve().name: series}, out / "dials.png")
     return report, out
 
 
@@ -200,5 +202,5 @@ def analyze_alphas(run_dir: str | Path, out_dir: str | Path | None = None) -> tu
     report = {"layers": [{"layer": k, "first": v[0][1], "last": v[-1][1], "min": min(a for _, a in v),
                           "max": max(a for _, a in v), "records": len(v)} for k, v in series.items()]}
     (out / "alphas.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_alphas(series, out / "alphas.png", title=f"DyT alpha over training: {Path(run_dir).name}")
+    plot_alphas(series, out / "alphas.png", title=f"DyT alpha over training: {Path(run_dir).resolve().name}")
     return report, out

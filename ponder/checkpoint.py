@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,6 +32,7 @@ FORMAT = "ponder-checkpoint"
 FORMAT_VERSION = 1
 CONFIG, MODEL, STATE_JSON, STATE_TENSORS = (
     "config.json", "model.safetensors", "trainer_state.json", "trainer_state.safetensors")
+STEP_NAME = re.compile(r"step-\d{8}")  # a checkpoint folder's name; anything else in checkpoints/ is left alone
 
 
 # -- nested state <-> JSON + tensors ---------------------------------------------------------------
@@ -106,9 +108,26 @@ def save_checkpoint(run_dir: str | Path, step: int, *, config: dict[str, Any], m
     latest_tmp = root / ".latest.tmp"
     latest_tmp.write_text(final.name + "\n")
     os.replace(latest_tmp, root / "latest")
-    for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
+    for old in checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def folder_problem(folder: str | Path) -> tuple[Path, str] | None:
+    """``(path, what is wrong with it)`` when ``folder`` cannot be written into or made, e.g. ``(somefile, "is a
+    file, not a folder")``; None when it can. Creates nothing: the nearest folder that exists is tried with a
+    temporary folder, removed again."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return existing, "is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ponder-probe-", dir=existing))
+    except OSError as exc:
+        return existing, f"is not writable ({exc.strerror or exc})"
+    return None
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -127,6 +146,14 @@ def resolve(path: str | Path) -> Path:
     if not p.exists():
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
     raise CheckpointError(f"{str(p)!r} is not a ponder checkpoint or run folder (no {CONFIG}, no 'latest')")
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """A run's checkpoint folders (``checkpoints/step-NNNNNNNN``), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if STEP_NAME.fullmatch(p.name) and p.is_dir())
 
 
 def run_folder(ckpt: Path) -> Path:
@@ -163,6 +190,64 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{str(ckpt / STATE_JSON)!r} is unreadable: {exc}") from None
     return from_tree(tree, read_tensors(ckpt / STATE_TENSORS))
+
+
+def read_checkpoint(ckpt: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config, trainer state, model weights)`` of a checkpoint, every file read in full: a CheckpointError
+    names the first file that is missing or damaged."""
+    saved = read_config(ckpt)
+    for key in ("run", "tokenizer"):
+        if key not in saved:
+            raise CheckpointError(f"{str(ckpt / CONFIG)!r} has no {key!r}")
+    return saved, read_trainer_state(ckpt), read_tensors(ckpt / MODEL)
+
+
+def read_for_resume(run_dir: str | Path) -> tuple[Path, tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]],
+                                                  list[str]]:
+    """``(checkpoint, read_checkpoint(checkpoint), notes)`` for resuming the run in ``run_dir``: its latest checkpoint.
+
+    When the latest cannot be read the error names it, says what is wrong and names the newest intact earlier
+    checkpoint, which a resume takes once the damaged one is moved out of ``checkpoints/`` (nothing is deleted
+    here: the damaged files are the user's to inspect). ``latest`` naming a checkpoint that is gone resumes from
+    the newest intact one, with a note."""
+    root = Path(run_dir)
+    latest = root / "latest"
+    if not latest.is_file():
+        ckpt = resolve(root)  # no run here: resolve says so
+        return ckpt, read_checkpoint(ckpt), []
+    named = root / "checkpoints" / latest.read_text().strip()
+    if not named.exists():
+        earlier = _newest_intact(root, before=None)
+        if earlier is None:
+            raise CheckpointError(f"{str(root)!r}: 'latest' names {named.name!r}, which is missing, and no other "
+                                  f"intact checkpoint is left in {str(root / 'checkpoints')!r} to resume from")
+        ckpt, parts = earlier
+        return ckpt, parts, [f"'latest' names {named.name}, which is not in {root / 'checkpoints'}: resuming from "
+                             f"{ckpt.name}, the newest intact checkpoint"]
+    try:
+        return named, read_checkpoint(named), []
+    except CheckpointError as exc:
+        damage = exc
+    earlier = _newest_intact(root, before=named)
+    if earlier is None:
+        raise CheckpointError(f"cannot resume from the latest checkpoint {str(named)!r}: {damage}; no earlier intact "
+                              f"checkpoint is left in {str(root / 'checkpoints')!r}, so the run must start over in "
+                              "another --out") from None
+    raise CheckpointError(f"cannot resume from the latest checkpoint: {damage}; the earlier checkpoint "
+                          f"{earlier[0].name} is intact: move {named} out of {root / 'checkpoints'} (or delete it) "
+                          f"and resume again to continue from {earlier[0].name}") from None
+
+
+def _newest_intact(root: Path, before: Path | None) -> tuple[Path, Any] | None:
+    """The newest checkpoint of ``root`` older than ``before`` that reads in full, with what it holds."""
+    for ckpt in reversed(checkpoints(root)):
+        if before is not None and ckpt.name >= before.name:
+            continue
+        try:
+            return ckpt, read_checkpoint(ckpt)
+        except CheckpointError:
+            continue
+    return None
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any, Any]:

@@ -36,6 +36,18 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 NORM_POSITIONS = ("attn", "ffn", "final")
+SECTIONS = ("model", "norm", "halting", "optimizer", "controllers", "data", "train")  # the top-level keys
+
+
+def _check_misplaced(section: str, keys: Any) -> None:
+    """A top-level key written after a ``[section]`` header lands in that section: say so, and where it goes."""
+    misplaced = [k for k in SECTIONS if k in keys]
+    if misplaced:
+        key = misplaced[0]
+        how = "[[controllers]] tables" if key == "controllers" else f"a [{key}] table"
+        raise ConfigError(f"[{section}] has {key!r}, a top-level key that must go before any section: TOML puts "
+                          f"every key written after the [{section}] header into [{section}]. Move `{key} = ...` "
+                          f"above the first [section] header (or write {how})")
 
 
 @dataclass
@@ -84,6 +96,8 @@ class PluginSpec:
             return cls(raw)
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise ConfigError(f"[{section}] needs a plugin name, e.g. name = \"...\"; got {raw!r}")
+        if "controllers" in raw:
+            _check_misplaced(section, ["controllers"])
         params = {k: v for k, v in raw.items() if k not in ("name", "positions")}
         positions = raw.get("positions", {})
         if section != "norm" and positions:
@@ -180,6 +194,7 @@ def _dataclass_from(cls: type, section: str, raw: Any) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(raw) - set(known))
     if unknown:
+        _check_misplaced(section, unknown)
         raise ConfigError(f"[{section}] has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
     defaults = cls()
     for key, value in raw.items():
@@ -194,7 +209,7 @@ def _dataclass_from(cls: type, section: str, raw: Any) -> Any:
 
 def parse_config(raw: dict[str, Any]) -> RunConfig:
     """Build and check a :class:`RunConfig` from a parsed TOML/JSON mapping (plugins included)."""
-    sections = {"model", "norm", "halting", "optimizer", "controllers", "data", "train"}
+    sections = set(SECTIONS)
     unknown = sorted(set(raw) - sections)
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}; valid sections: {', '.join(sorted(sections))}")

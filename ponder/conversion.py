@@ -6,7 +6,8 @@ norms (LayerNorm, RMSNorm) become the plugin at position ``attn``; BatchNorm, wh
 dimension 1, becomes it at position ``conv``. Output shapes do not change.
 
 Replacing BatchNorm is allowed but known to cost accuracy: the DyT paper reports ResNet-50 on
-ImageNet falling from 76.2 to 68.9 top-1, and seed 001 needed ``alpha_init_value=1.0`` there.
+ImageNet falling from 76.2 to 68.9 top-1, and the default alpha 0.5 did not work in place of BatchNorm
+where ``alpha_init_value=1.0`` did (``examples/digits_dyt.py``).
 
 RMSNorm is recognised as torch's and ponder's own class, and as any other class whose name ends in
 ``RMSNorm`` with a 1-d ``weight`` and an ``eps`` or ``variance_epsilon`` (Hugging Face's ``LlamaRMSNorm``
@@ -138,7 +139,7 @@ def convert(model: nn.Module, to: str = "dyt", source: tuple[str, ...] | str = (
 def convert_module(module: nn.Module, to: str = "dyt", source: tuple[str, ...] | str = ("layernorm",),
                    *, keep_affine: bool = True, **params: Any) -> nn.Module:
     """Like :func:`convert`, but returns the converted module (which may be a new one when
-    ``module`` is itself a norm layer), as the seeds' ``convert_ln_to_*`` helpers do."""
+    ``module`` is itself a norm layer), as the ``convert_ln_to_*`` helpers do."""
     sources = (source,) if isinstance(source, str) else tuple(source)
     convert(module, to, sources, keep_affine=keep_affine, **params)
     new = _replacement(module, to, sources, params, keep_affine)

@@ -192,7 +192,7 @@ def epoch_order(n_items: int, seed: int, epoch: int) -> Tensor:
 
 def get_wikitext2_dataloaders(data_path: str | Path, batch_size: int, n_seq: int, tokenizer: str = "word",
                               seed: int = 0) -> tuple[DataLoader, DataLoader, DataLoader, int]:
-    """``(train_loader, val_loader, test_loader, vocab_size)`` from a local WikiText-2 folder (seed 004's API)."""
+    """``(train_loader, val_loader, test_loader, vocab_size)`` from a local WikiText-2 folder."""
     corpus = prepare_data(DataConfig(source="wikitext2", path=str(data_path), tokenizer=tokenizer))
     loaders = []
     for split in WIKITEXT_SPLITS:

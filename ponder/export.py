@@ -37,6 +37,7 @@ from ponder.model import COMPACTION_MODES, PonderLM
 CHECK_THRESHOLDS = (0.5, 0.9, 0.99, 1.0)
 LOGITS_TOLERANCE = 1e-4
 DEFAULT_OPSET = 18
+MIN_OPSET = 18  # the traced pieces use opset-18 operators (ReduceMax with its axes as an input, among others)
 
 
 class ExportError(PonderError):
@@ -169,6 +170,34 @@ def sample_inputs(model: PonderLM, corpus_ids: Tensor | None = None) -> list[Ten
     return [a.long(), b.long()]
 
 
+def opset_range() -> tuple[int, int]:
+    """The opsets ponder exports: from the one its graph needs to the newest the installed onnx knows."""
+    import onnx
+
+    return MIN_OPSET, onnx.defs.onnx_opset_version()
+
+
+def check_opset(opset: int) -> None:
+    low, high = opset_range()
+    if not low <= opset <= high:
+        raise ExportError(f"--opset {opset} is not supported: ponder exports opsets {low} to {high} (its graph needs "
+                          f"opset {low} or later; the installed onnx knows opsets up to {high}); the default is "
+                          f"{DEFAULT_OPSET}")
+
+
+def check_output(path: str | Path) -> None:
+    """An ExportError unless a model can be written to ``path`` (a file; its folder may still be missing)."""
+    from ponder.checkpoint import folder_problem
+
+    path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"cannot create {str(path)!r}: it is a folder; give a file name, e.g. "
+                          f"{str(path / 'model.onnx')!r}")
+    problem = folder_problem(path.parent)
+    if problem:
+        raise ExportError(f"cannot create {str(path)!r}: {str(problem[0])!r} {problem[1]}")
+
+
 def _check_compaction(compaction: str) -> None:
     if compaction not in COMPACTION_MODES:
         raise ExportError(f"compaction must be one of {', '.join(COMPACTION_MODES)}, got {compaction!r}")
@@ -193,6 +222,8 @@ def export_model(model: PonderLM, path: str | Path, *, metadata: dict[str, Any] 
     model = model.cpu().eval()
     compaction = "off" if unrolled else compaction
     cutoff = compaction_cutoff(model, compaction)
+    check_opset(opset)
+    check_output(path)
     _writable(path.parent)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".ponder-export-") as tmp:
         staged = Path(tmp) / "model.onnx"
@@ -233,12 +264,16 @@ def _metadata(model: PonderLM) -> dict[str, Any]:
 
 
 def _writable(folder: Path) -> None:
+    """Create ``folder`` to write into, or an ExportError saying why it cannot be."""
+    from ponder.checkpoint import folder_problem
+
+    problem = folder_problem(folder)
+    if problem:
+        raise ExportError(f"cannot write into {str(folder)!r}: {str(problem[0])!r} {problem[1]}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(f"cannot create {str(folder)!r}: {exc.strerror or exc}") from None
-    if not os.access(folder, os.W_OK):
-        raise ExportError(f"{str(folder)!r} is not writable")
 
 
 def weights_digest(ckpt: Path) -> str:
@@ -265,6 +300,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
     if (output is None) == (repository is None):
         raise ExportError("give either an output file (-o FILE) or --repository ROOT --name NAME")
     _check_compaction(compaction)  # before the slow part
+    check_opset(opset)
+    if output is not None:
+        check_output(output)
     ckpt = resolve(checkpoint)
     model, tokenizer, run = load_model(ckpt)
     try:

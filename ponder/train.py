@@ -18,7 +18,7 @@ from ponder import checkpoint, distributed, registry
 from ponder.config import RunConfig, check_config, parse_config
 from ponder.data import Corpus, TokenChunks, epoch_order, prepare_data, tokenizer_from_json
 from ponder.dials import Dials
-from ponder.errors import CheckpointError, ConfigError
+from ponder.errors import CheckpointError, ConfigError, PonderError
 from ponder.evaluate import evaluate
 from ponder.model import PonderLM
 
@@ -83,9 +83,10 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.progress = progress
         state: dict[str, Any] | None = None
+        self.notes: list[str] = []
         if resume:
-            ckpt = checkpoint.resolve(self.out_dir)
-            saved = checkpoint.read_config(ckpt)
+            ckpt, (saved, state, model_state), notes = checkpoint.read_for_resume(self.out_dir)
+            self.notes += notes
             saved_run = parse_config(saved["run"])
             if run is not None and run.to_json() != saved_run.to_json():
                 diff = sorted(k for k, v in run.to_json().items() if saved_run.to_json()[k] != v and k != "train")
@@ -94,8 +95,6 @@ class Trainer:
                                       "resume with the run's own config (omit --config)")
             run = saved_run if run is None else dataclasses.replace(saved_run, train=run.train)
             tokenizer = tokenizer_from_json(saved["tokenizer"])
-            state = checkpoint.read_trainer_state(ckpt)
-            model_state = checkpoint.read_tensors(ckpt / checkpoint.MODEL)
         else:
             if run is None:
                 raise ConfigError("no run config given")
@@ -111,6 +110,11 @@ class Trainer:
         self.run = run
         self.dist, device_name = distributed.from_env(run.train.device)
         distributed.check_split(run.train.batch_size, self.dist.world_size)
+        if not resume and self.dist.is_main:  # before the data is read: a folder that cannot be made fails fast
+            problem = checkpoint.folder_problem(self.out_dir)
+            if problem:
+                raise PonderError(f"cannot write the run into {str(self.out_dir)!r}: {str(problem[0])!r} {problem[1]}; "
+                                  "choose another --out")
         self.corpus: Corpus = prepare_data(run.data, tokenizer)
         t = run.train
         self.train_chunks = TokenChunks(self.corpus.splits["train"], t.seq_len)
@@ -126,7 +130,6 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.controllers = [registry.create("controller", c.name, **c.params) for c in run.controllers]
-        self.notes: list[str] = []
         if self._needs_adyt_controller():
             self.controllers.append(registry.create("controller", "adyt"))
             self.notes.append("the model has ADyT layers: added the 'adyt' controller (gradient-norm update after "
@@ -255,7 +258,11 @@ class Trainer:
         t = self.run.train
         main = self.dist.is_main
         if main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise PonderError(f"cannot write the run into {str(self.out_dir)!r}: {exc.strerror or exc}; choose "
+                                  "another --out") from None
         self.model.train()
         window: dict[str, float] = {"loss": 0.0, "ce": 0.0, "layers": 0.0, "depth": 0.0, "n": 0.0}
         tokens_per_step = t.batch_size * t.seq_len

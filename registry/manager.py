@@ -102,10 +102,13 @@ class Registry:
     third-party plugins loaded (entry-point or distribution names; ``PONDER_PLUGINS``).
     ``autoload``: load third-party plugins found through entry points
     (``PONDER_DISABLE_PLUGIN_AUTOLOAD=1`` turns it off; ``allow`` still loads the ones named).
+    ``switches``: the user's ``-p NAME`` / ``-p no:NAME``; one that names no installed plugin is warned about
+    (a PluginLoadWarning) when plugins are loaded.
     """
 
     def __init__(self, *, blocked: Iterable[str] = (), allow: Iterable[str] | None = None,
-                 autoload: bool = True) -> None:
+                 autoload: bool = True, switches: Iterable[str] = ()) -> None:
+        self.switches = list(switches)
         self.blocked = {normalize_name(b) for b in blocked}
         self.allow = None if allow is None else {normalize_name(a) for a in allow}
         self.autoload = autoload
@@ -119,10 +122,11 @@ class Registry:
     def from_environment(cls, *, blocked: Iterable[str] = (), load: Iterable[str] = ()) -> Registry:
         """A registry configured by ``PONDER_*`` environment variables plus CLI switches."""
         allow = _env_list(ENV_ALLOW)
-        load = list(load)
+        blocked, load = list(blocked), list(load)
         if load:
             allow = (allow or []) + load
-        return cls(blocked=blocked, allow=allow, autoload=not _env_flag(ENV_DISABLE_AUTOLOAD))
+        return cls(blocked=blocked, allow=allow, autoload=not _env_flag(ENV_DISABLE_AUTOLOAD),
+                   switches=[f"no:{name}" for name in blocked] + load)
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -143,12 +147,23 @@ class Registry:
 
     def _load_all(self) -> None:
         version = _ponder_version()
+        entry_points = self._entry_points()
+        installed = {normalize_name(name): name for name in BUILTIN_PLUGINS}  # what a switch may name
+        shown = list(BUILTIN_PLUGINS)
+        for ep in entry_points:
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else None
+            installed.setdefault(normalize_name(ep.name), ep.name)
+            if dist_name:
+                installed.setdefault(normalize_name(dist_name), dist_name)
+            shown.append(f"{ep.name} (from {dist_name})" if dist_name else ep.name)
+        self._check_switches(installed, shown)
         for name, module in BUILTIN_PLUGINS.items():
             if normalize_name(name) in self.blocked:
                 self.skipped.append(name)
                 continue
             self._load_plugin(name, lambda module=module: importlib.import_module(module), "ponder", version)
-        for ep in self._entry_points():
+        for ep in entry_points:
             dist = getattr(ep, "dist", None)
             dist_name = dist.metadata["Name"] if dist is not None else "?"
             dist_version = dist.version if dist is not None else "?"
@@ -163,6 +178,18 @@ class Registry:
                 self.skipped.append(ep.name)
                 continue
             self._load_plugin(ep.name, ep.load, dist_name, dist_version)
+
+    def _check_switches(self, installed: dict[str, str], shown: list[str]) -> None:
+        """Warn about each ``-p [no:]NAME`` whose NAME is no installed plugin (nor distribution): likely a typo."""
+        listed = ", ".join(dict.fromkeys(shown))
+        for switch in dict.fromkeys(self.switches):
+            name = switch[3:] if switch.startswith("no:") else switch
+            if normalize_name(name) in installed:
+                continue
+            close = difflib.get_close_matches(normalize_name(name), list(installed), n=1, cutoff=0.6)
+            hint = f" (did you mean {installed[close[0]]!r}?)" if close else ""
+            warnings.warn(f"-p {switch}: no plugin named {name!r} is installed{hint}; installed: {listed}",
+                          PluginLoadWarning, stacklevel=3)
 
     @staticmethod
     def _entry_points() -> list[metadata.EntryPoint]:

@@ -110,6 +110,24 @@ class Client:
                               f"choose one with --model")
         return names[0]
 
+    def text_ids(self, model: str, text: str, version: str = "") -> list[int]:
+        """``text`` as a byte-level model's token ids (its UTF-8 bytes). A model the server reports with another
+        tokenizer (a word-level one) is refused, since its vocabulary is not here: turn the text into ids with
+        ``ponder tokenize MODEL_OR_RUN --text ...`` and send those. A server without ModelConfig is taken to
+        serve a byte-level model."""
+        try:
+            tokenizer = self.model_config(model, version).get("tokenizer") or "byte"
+        except ServerError as exc:
+            if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            tokenizer = "byte"
+        if tokenizer != "byte":
+            raise PonderError(f"model {model!r} is {tokenizer}-level: text goes to it as token ids of its own "
+                              f"vocabulary, which the server keeps, not as UTF-8 bytes. Turn the text into ids with "
+                              f"`ponder tokenize MODEL_OR_RUN --text ...` (the exported model or its training run) "
+                              f"and send them with --ids")
+        return list(text.encode("utf-8"))
+
     # -- inference ---------------------------------------------------------------------------------------------
     def infer(self, model: str, input_ids: np.ndarray, *, threshold: float | None = None, version: str = "",
               typed: bool = False) -> Reply:

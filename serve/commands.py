@@ -5,11 +5,41 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from ponder.errors import PonderError
+from ponder.serve import MAX_MESSAGE_MB
+
+
+def whole_number(low: int, high: int | None = None, why: str = "") -> Any:
+    """An argparse ``type`` for a whole number in [low, high]: a value outside is refused when parsed, naming it."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}{why}")
+        return value
+    return parse
+
+
+def seconds(*, zero_ok: bool) -> Any:
+    """An argparse ``type`` for a finite number of seconds, > 0 (or >= 0 with ``zero_ok``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            raise argparse.ArgumentTypeError(f"must be a finite number of seconds {'>=' if zero_ok else '>'} 0, "
+                                             f"got {text!r}")
+        return value
+    return parse
 
 
 def add_parsers(commands: Any) -> None:
@@ -27,13 +57,16 @@ def add_parsers(commands: Any) -> None:
     sv.add_argument("--tls-cert", type=Path, metavar="F", help="serve TLS with this PEM certificate (needs --tls-key)")
     sv.add_argument("--tls-key", type=Path, metavar="F", help="the certificate's PEM private key")
     sv.add_argument("--tls-ca", type=Path, metavar="F", help="require client certificates signed by this PEM CA")
-    sv.add_argument("--max-message-mb", type=int, default=64, metavar="N",
-                    help="largest request or response in MiB (default: 64)")
+    grpc_limit = (f" (gRPC counts message sizes in a signed 32-bit number of bytes, so {MAX_MESSAGE_MB} MiB is the "
+                  "most it takes)")
+    sv.add_argument("--max-message-mb", type=whole_number(1, MAX_MESSAGE_MB, grpc_limit), default=64, metavar="N",
+                    help=f"largest request or response in MiB, 1 to {MAX_MESSAGE_MB} (default: 64)")
     sv.add_argument("--workers", type=int, default=2, metavar="N", help="requests computed at once (default: 2)")
     sv.add_argument("--max-queue", type=int, default=64, metavar="N",
                     help="requests waiting beyond those; more get RESOURCE_EXHAUSTED (default: 64)")
-    sv.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads per model run (default: ORT's)")
-    sv.add_argument("--grace", type=float, default=10.0, metavar="S",
+    sv.add_argument("--threads", type=whole_number(1), metavar="N",
+                    help="ONNX Runtime threads per model run (default: ORT's)")
+    sv.add_argument("--grace", type=seconds(zero_ok=True), default=10.0, metavar="S",
                     help="seconds in-flight requests get to finish on SIGTERM (default: 10)")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                     help="log verbosity on stderr (default: info)")
@@ -45,7 +78,8 @@ def add_parsers(commands: Any) -> None:
                     "executed and the latency of every request.")
     cl.add_argument("--address", default="127.0.0.1:8001", help="the server's HOST:PORT (default: 127.0.0.1:8001)")
     cl.add_argument("--tls-ca", type=Path, metavar="F", help="connect with TLS, trusting this PEM CA certificate")
-    cl.add_argument("--timeout", type=float, default=30.0, metavar="S", help="deadline per call (default: 30 s)")
+    cl.add_argument("--timeout", type=seconds(zero_ok=False), default=30.0, metavar="S",
+                    help="deadline per call (default: 30 s)")
     actions = cl.add_subparsers(dest="client_command", metavar="ACTION")
 
     he = actions.add_parser("health", help="is the server live and ready; which models are ready",
@@ -63,7 +97,8 @@ def add_parsers(commands: Any) -> None:
                              description="Send one ModelInfer request (token ids, or text turned into byte ids) "
                                          "and print the predicted next token, the layers executed and the latency.")
     source = inf.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", help="text for a byte-level model (sent as its UTF-8 bytes as token ids)")
+    source.add_argument("--text", help="text for a byte-level model (sent as its UTF-8 bytes as token ids); for a "
+                                       "word-level model give --ids, from `ponder tokenize MODEL_OR_RUN --text ...`")
     source.add_argument("--ids", help="token ids separated by spaces or commas")
     _model_flags(inf)
     inf.add_argument("--typed", action="store_true", help="send typed contents instead of raw bytes")
@@ -113,7 +148,8 @@ def add_bench_parser(commands: Any) -> None:
     be.add_argument("--seq-len", type=int, metavar="N", help="tokens per sequence (default: the model's context)")
     be.add_argument("--text-file", type=Path, metavar="F",
                     help="UTF-8 text to cut into sequences (default: the embedded corpus' validation part)")
-    be.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads per run (default: ORT's)")
+    be.add_argument("--threads", type=whole_number(1), metavar="N",
+                    help="ONNX Runtime threads per run (default: ORT's)")
     be.add_argument("--out", type=Path, default=Path("bench"), metavar="DIR",
                     help="where bench.json and bench.png go (default: ./bench)")
     be.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
@@ -134,7 +170,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ponder.serve.bench import Settings, format_table, resolve_target, run_bench, write_report
+    from ponder.serve.bench import Settings, format_table, resolve_target, run_bench, text_line, write_report
 
     text = None
     if args.text_file is not None:
@@ -143,10 +179,9 @@ def _bench(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as exc:
             raise PonderError(f"--text-file {str(args.text_file)!r}: {getattr(exc, 'strerror', None) or exc}") from None
     settings = Settings(thresholds=args.thresholds, batch_sizes=args.batch_sizes, concurrency=args.concurrency,
-                        requests=args.requests, warmup=args.warmup, seq_len=args.seq_len, text=text)
+                        requests=args.requests, warmup=args.warmup, seq_len=args.seq_len, text=text,
+                        text_name=str(args.text_file) if args.text_file else "")
     settings.check()
-    if args.threads is not None and args.threads < 1:
-        raise PonderError(f"--threads must be >= 1, got {args.threads}")
     target = resolve_target(args.target, args.model)
     report = run_bench(target, settings, via=args.via, address=args.address, tls_ca=args.tls_ca,
                        threads=args.threads, progress=not args.no_progress)
@@ -159,6 +194,7 @@ def _bench(args: argparse.Namespace) -> int:
               "per row; speed-up = p50 at threshold 1 / p50, ideal = n_layers / layers executed, "
               "per token = n_layers / mean token depth")
         print(format_table(report["rows"]))
+        print(text_line(report))
     print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)
     return 0
 
@@ -225,15 +261,15 @@ def _metadata(args: argparse.Namespace) -> int:
 def _infer(args: argparse.Namespace) -> int:
     import numpy as np
 
-    if args.text is not None:
-        ids = list(args.text.encode("utf-8"))
-    else:
+    if args.text is None:
         try:
             ids = [int(x) for x in args.ids.replace(",", " ").split()]
         except ValueError:
             raise PonderError(f"--ids must be whole numbers separated by spaces or commas, got {args.ids!r}") from None
     with _client(args) as client:
         model = args.model or client.default_model()
+        if args.text is not None:  # a word-level model is refused: its vocabulary is on the server
+            ids = client.text_ids(model, args.text, args.model_version)
         reply = client.infer(model, np.array([ids], dtype=np.int64), threshold=args.threshold,
                              version=args.model_version, typed=args.typed)
     next_id = int(reply.outputs["logits"][0, -1].argmax())

@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ponder import __version__
 from ponder.errors import PonderError
+from ponder.serve import MAX_MESSAGE_MB
 from ponder.serve import inference_pb2 as pb
 from ponder.serve import inference_pb2_grpc as pb_grpc
 from ponder.serve.metrics import Metrics
@@ -39,7 +40,6 @@ log = logging.getLogger("ponder.serve")
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSIONS = ["model_configuration", "statistics", "parameters", "streaming", "model_repository_index"]
 SPARE_THREADS = 8  # for cheap RPCs (health, metadata) beyond the inference capacity
-MAX_MESSAGE_MB = 2047  # gRPC keeps message limits in a signed 32-bit count of bytes
 
 
 class Admission:

@@ -12,7 +12,7 @@ class ADyTController:
     controller, so a config that names the ``adyt`` norm trains correctly as it is.
 
     Args:
-        every: update every N optimizer steps (1: every step; the seed suggests fewer updates if the cost matters).
+        every: update every N optimizer steps (1: every step; fewer updates save time if the cost matters).
     """
 
     def __init__(self, every: int = 1) -> None:

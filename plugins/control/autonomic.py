@@ -1,4 +1,4 @@
-"""The loss-driven dial controller (seed 003's "AutonomicLayer"), without the reference's bugs.
+"""The loss-driven dial controller (the public reference's "AutonomicLayer"), without the reference's bugs.
 
 One loss EWMA per controller: ``running = beta * running + (1 - beta) * loss`` (the first value is
 the first loss) and ``delta = loss - running``. For each dial it is given: ``delta < -threshold``

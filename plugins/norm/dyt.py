@@ -2,9 +2,10 @@
 
 ``DynamicTanh``: ``y = weight * tanh(alpha * x) + bias`` with one learnable ``alpha``.
 
-``AdaptiveDynamicTanh`` (seed 000): ``alpha(t) = clip(alpha0 * (1 + lambda / (eps + G_t)), alpha_min,
-alpha_max)`` where ``G_t`` is an EMA of the L2 norm of the layer's own gradients, updated by
-``update_adyt_grad_norms(model)`` after ``backward()`` and before ``optimizer.step()``.
+``AdaptiveDynamicTanh`` (after the public ADyT reference):
+``alpha(t) = clip(alpha0 * (1 + lambda / (eps + G_t)), alpha_min, alpha_max)`` where ``G_t`` is an EMA of
+the L2 norm of the layer's own gradients, updated by ``update_adyt_grad_norms(model)`` after
+``backward()`` and before ``optimizer.step()``.
 
 Where we differ from the public reference, on purpose: ``G`` is a buffer in the state dict, and
 eval and ONNX export use the same ``alpha(t)`` computed from the frozen ``G``. The reference uses
@@ -73,7 +74,7 @@ class DynamicTanh(nn.Module):
 
 
 class AdaptiveDynamicTanh(DynamicTanh):
-    """DyT whose alpha adapts to the layer's smoothed gradient norm (seed 000).
+    """DyT whose alpha adapts to the layer's smoothed gradient norm (the public ADyT reference's API).
 
     Args:
         normalized_shape: size of the channel dimension.
@@ -180,7 +181,7 @@ def dyt(num_features: int, position: str = "attn", alpha_init_value: float = 0.5
 def adyt(num_features: int, position: str = "attn", alpha_init_value: float = 0.5, lambda_factor: float = 0.1,
          smooth_factor: float = 0.99, eps: float = 1e-6, alpha_min: float = 0.1, alpha_max: float = 2.0,
          bias: bool = True) -> nn.Module:
-    """Adaptive DyT: alpha follows the layer's smoothed gradient norm (seed 000).
+    """Adaptive DyT: alpha follows the layer's smoothed gradient norm.
 
     Args:
         num_features: size of the channel dimension (supplied by ponder).
@@ -198,7 +199,7 @@ def adyt(num_features: int, position: str = "attn", alpha_init_value: float = 0.
 
 
 def convert_ln_to_dyt(module: nn.Module, alpha_init_value: float = 0.5) -> nn.Module:
-    """Replace every LayerNorm in ``module`` with DynamicTanh; returns the module (the seed's helper)."""
+    """Replace every LayerNorm in ``module`` with DynamicTanh; returns the module (the DyT reference's helper)."""
     from ponder.conversion import convert_module
 
     return convert_module(module, to="dyt", source=("layernorm",), alpha_init_value=alpha_init_value)
@@ -206,7 +207,8 @@ def convert_ln_to_dyt(module: nn.Module, alpha_init_value: float = 0.5) -> nn.Mo
 
 def convert_ln_to_adyt(module: nn.Module, lambda_factor: float = 0.1, smooth_factor: float = 0.99,
                        alpha_min: float = 0.1, alpha_max: float = 2.0, alpha_init_value: float = 0.5) -> nn.Module:
-    """Replace every LayerNorm in ``module`` with AdaptiveDynamicTanh; returns the module (seed 000's helper)."""
+    """Replace every LayerNorm in ``module`` with AdaptiveDynamicTanh; returns the module (the ADyT
+    reference's helper)."""
     from ponder.conversion import convert_module
 
     return convert_module(module, to="adyt", source=("layernorm",), lambda_factor=lambda_factor,

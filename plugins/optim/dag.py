@@ -1,4 +1,4 @@
-"""DAG, the Dynamic-Alpha Gradient optimizer (seed 002; maths in ALGORITHMS.md).
+"""DAG, the Dynamic-Alpha Gradient optimizer, after its public reference (maths in ALGORITHMS.md).
 
 Per parameter tensor ``p`` with gradient ``g`` of size ``d``, at step ``t = 0, 1, 2, ...``:
 
@@ -17,7 +17,7 @@ during ``warmup_steps``, and the global shrink used at the next step,
 Where we differ from the public reference, on purpose (ALGORITHMS.md lists these gaps): ``S`` starts at ``p_star``
 rather than 0 (which inflates the first target by ``(p_star / eps)**eta``, about 16); ``maximize`` negates the gradient
 first, as torch does, rather than the final update; ``lambda_rms`` and ``s_min`` are accepted at top level as the
-seed's quick start passes them. Choices where the sources say nothing: with ``use_exact_sigma``, the steps between
+reference's quick start passes them. Choices where the sources say nothing: with ``use_exact_sigma``, the steps between
 exact ones use ``N / sqrt(d)``, and the exact value is the population standard deviation; with ``warmup_steps=0``
 the baseline ``RMS0`` is the first step's ``r``; a zero baseline leaves ``s_t`` at 1.
 
@@ -76,7 +76,7 @@ class DAG(torch.optim.Optimizer):
         hyper: alpha controller, defaults tau 1.25, p_star 0.1, kappa None (tau / Phi^-1(1 - p_star / 2)),
             beta 1/3, eta 0.3, rho 0.1, eps 1e-5, alpha_min 1e-12, alpha_max 1e12.
         shrink: global RMS shrink, defaults lambda_rms 0.3, s_min 0.1, gamma 1.0, ema_beta 0.98, warmup_steps 500.
-        lambda_rms: shortcut for shrink['lambda_rms'] (the seed's quick start passes it here).
+        lambda_rms: shortcut for shrink['lambda_rms'] (the reference's quick start passes it here).
         s_min: shortcut for shrink['s_min'], the floor of the global shrink.
         use_exact_sigma: use the exact standard deviation of each gradient instead of ``||g|| / sqrt(d)``.
         sigma_every: with use_exact_sigma, compute the exact sigma every this many steps.

@@ -1,4 +1,4 @@
-"""DAG's settings: seed 002's defaults, their valid ranges, kappa, and the cosine k schedule."""
+"""DAG's settings: the public reference's defaults, their valid ranges, kappa, and the cosine k schedule."""
 
 from __future__ import annotations
 
