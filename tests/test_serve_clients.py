@@ -153,7 +153,13 @@ def test_tls_files_that_are_not_pem_are_named(tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.write_text("not a certificate\n")
     key.write_text("not a key\n")
-    with pytest.raises(PonderError, match="--tls-cert .*cert.pem.* must be a PEM certificate"):
+    with pytest.raises(PonderError, match="--tls-cert .*cert.pem.* is not a PEM certificate"):
+        create_server(tmp_path, "127.0.0.1:0", tls=TLSFiles(cert, key))
+    cert.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(PonderError, match="--tls-key .*key.pem.* is not a PEM private key"):
+        create_server(tmp_path, "127.0.0.1:0", tls=TLSFiles(cert, key))
+    key.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(PonderError, match="must be a PEM certificate and its unencrypted PEM private key"):
         create_server(tmp_path, "127.0.0.1:0", tls=TLSFiles(cert, key))
 
 
@@ -168,3 +174,18 @@ def test_no_deadline_means_no_limit_on_the_wait():
 
     assert _wait_limit(1e12) is None and _wait_limit(float("inf")) is None
     assert _wait_limit(1.5) == 1.5 and _wait_limit(-1.0) == 0.0
+
+
+def test_ponder_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):
+    from helpers import run_ponder
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_ponder("serve", "--repository", str(tmp_path), "--address", f"127.0.0.1:{port}",
+                          "--metrics-port", "-1", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"ponder: error: cannot listen on 127.0.0.1:{port}: Address already in use (another process holds the "
+        "port: choose another with --address)"]
