@@ -29,6 +29,9 @@ def _plugin_switches(parser: argparse.ArgumentParser, dest: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ponder.tokens import add_parser as add_tokenize_parser
+    from ponder.tune_cli import add_parser as add_tune_parser
+
     parser = argparse.ArgumentParser(
         prog="ponder",
         description="Adaptive-depth transformers: train, export with in-graph early exit, serve.",
@@ -78,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _plugin_switches(tr, "sub_plugin_switches")
     tr.set_defaults(handler=_train)
 
-    _tune_parser(commands)
+    add_tune_parser(commands)
 
     ev = commands.add_parser("eval", help="perplexity and depth of a checkpoint per threshold",
                              description="Evaluate a checkpoint: perplexity, layers executed and mean token depth "
@@ -156,20 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--tokens", type=int, default=32, help="how many tokens to generate (default: 32)")
     rn.set_defaults(handler=_run)
 
-    tk = commands.add_parser("tokenize", help="turn text into a model's token ids, or ids back into text",
-                             description="Turn text into the token ids a model reads, with the tokenizer it was "
-                                         "trained with (bytes, or the word vocabulary its run built), or with "
-                                         "--decode ids back into text. The ids go to `ponder client infer --ids`. "
-                                         "A word-level model reads whitespace-separated words, ends every line "
-                                         "with <eos> and reads unknown words as <unk>.")
-    tk.add_argument("model", metavar="MODEL_OR_RUN",
-                    help="an exported model (a model.onnx, a version or model folder), or a checkpoint or run folder")
-    what = tk.add_mutually_exclusive_group(required=True)
-    what.add_argument("--text", help="the text to turn into ids")
-    what.add_argument("--decode", metavar="IDS", help="token ids separated by spaces or commas, to turn into text")
-    tk.add_argument("--json", action="store_true",
-                    help="print JSON: the tokenizer, the vocabulary size and the ids (or the text)")
-    tk.set_defaults(handler=_tokenize)
+    add_tokenize_parser(commands)
 
     from ponder.demo import add_parser as add_demo_parser
     from ponder.serve.commands import add_parsers
@@ -200,19 +190,11 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_file(arg: str) -> Path:
-    """The model.onnx that a file, version folder, model folder (its newest version) or one-model repository names,
-    as `ponder bench` finds it."""
-    from ponder.serve.bench import resolve_target
-
-    target = resolve_target(arg)
-    return Path(arg) if target.path is None else target.path  # a path that does not exist: reported by the caller
-
-
 def _inspect(args: argparse.Namespace) -> int:
+    from ponder.serve.bench import model_file
     from ponder.serve.engine import read_metadata
 
-    meta = read_metadata(_model_file(args.model))
+    meta = read_metadata(model_file(args.model))
     if args.json:
         print(json.dumps(meta, indent=2))
         return 0
@@ -228,11 +210,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ponder.serve.bench import model_file
     from ponder.serve.engine import Engine
 
     if args.tokens < 1:
         raise _usage_error(f"--tokens must be >= 1, got {args.tokens}")
-    engine = Engine(_model_file(args.model))
+    engine = Engine(model_file(args.model))
     threshold = engine.check_threshold(args.threshold)
     out = engine.generate(args.text, args.tokens, threshold)
     steps = out["steps"]
@@ -241,70 +224,6 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{args.text}\u2192{out['text']}")
     print(f"threshold {threshold:g}: layers executed per token {layers} (mean {sum(layers) / len(layers):.2f} of "
           f"{engine.n_layers}); latency p50 {ms[len(ms) // 2]:.2f} ms, total {sum(ms):.1f} ms")
-    return 0
-
-
-def _tokenizer_spec(arg: str) -> tuple[dict[str, Any], str]:
-    """``(tokenizer description, where it was found)`` of a checkpoint or run folder or an exported model: the
-    checkpoint's config.json, or the config.json beside model.onnx, or the model's own metadata."""
-    from ponder.checkpoint import CONFIG, read_config, resolve
-    from ponder.errors import PonderError
-
-    path = Path(arg)
-    if path.is_dir() and ((path / "latest").is_file()
-                          or ((path / CONFIG).is_file() and not (path / "model.onnx").is_file())):
-        ckpt = resolve(path)
-        return read_config(ckpt).get("tokenizer") or {"kind": "byte"}, str(ckpt / CONFIG)
-    model = _model_file(arg)
-    if not model.exists():
-        raise PonderError(f"{arg!r} does not exist: give an exported model (a model.onnx, a version or model folder) "
-                          "or a checkpoint or run folder")
-    for candidate in (model.parent / "config.json", model.with_suffix(".json")):  # as ponder serve reads them
-        if candidate.is_file():
-            try:
-                spec = json.loads(candidate.read_text(encoding="utf-8")).get("tokenizer")
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-                raise PonderError(f"{str(candidate)!r} is unreadable: {exc}") from None
-            if spec:
-                return spec, str(candidate)
-    from ponder.serve.engine import read_metadata
-
-    spec = read_metadata(model).get("tokenizer") or {"kind": "byte"}
-    if spec.get("kind") != "byte" and "vocab" not in spec:
-        raise PonderError(f"{str(model)!r} is a {spec.get('kind')}-level model, but no config.json with its vocabulary "
-                          "lies beside it (ponder export writes one)")
-    return spec, str(model)
-
-
-def _tokenize(args: argparse.Namespace) -> int:
-    from ponder.data import tokenizer_from_json
-
-    spec, source = _tokenizer_spec(args.model)
-    tokenizer = tokenizer_from_json(spec)
-    size = tokenizer.vocab_size
-    if args.decode is not None:
-        try:
-            ids = [int(x) for x in args.decode.replace(",", " ").split()]
-        except ValueError:
-            raise _usage_error(f"--decode takes whole numbers separated by spaces or commas, got {args.decode!r}"
-                               ) from None
-        bad = [i for i in ids if not 0 <= i < size]
-        if bad:
-            raise _usage_error(f"--decode: {bad[0]} is not a token id of this model (its ids are 0..{size - 1})")
-        text = tokenizer.decode(ids)
-        print(json.dumps({"tokenizer": tokenizer.kind, "vocab_size": size, "ids": ids, "text": text}, indent=2)
-              if args.json else text)
-        return 0
-    ids = [int(i) for i in tokenizer.encode(args.text)]
-    unknown = ids.count(0) if tokenizer.kind == "word" else 0
-    if args.json:
-        print(json.dumps({"tokenizer": tokenizer.kind, "vocab_size": size, "source": source, "ids": ids,
-                          "unknown": unknown}, indent=2))
-    else:
-        print(" ".join(map(str, ids)))
-    if unknown:
-        print(f"ponder: note: {unknown} of {len(ids)} tokens are <unk> (id 0): words outside the model's vocabulary",
-              file=sys.stderr)
     return 0
 
 
@@ -435,103 +354,6 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"{r['threshold']:>9g}  {r['perplexity']:>10.3f}  {r['layers_executed']:>15.2f}  "
               f"{r['mean_token_depth']:>16.2f}  {r['n_layers']}")
     print(f"wrote {out_dir / 'eval.json'} and {out_dir / 'eval.png'}", file=sys.stderr)
-    return 0
-
-
-def _tune_parser(commands: Any) -> None:
-    tu = commands.add_parser("tune", help="tune ACT's threshold and lambda (Optuna grid or Pareto search)",
-                             description="Grid search over act_threshold x act_lambda on Optuna, training a small "
-                                         "PonderLM (shaped by --d-model, --n-layers, --seq-len) on --data. "
-                                         "--mode sweep trains one model per lambda and evaluates every threshold "
-                                         "on it; --mode full trains every cell. Several workers (processes or "
-                                         "hosts) may share one --storage: each cell is computed by one of them, "
-                                         "and each prints the whole table at the end.")
-    tu.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.8, 0.9, 0.95, 0.99], metavar="T",
-                    help="act_threshold values in (0, 1] to evaluate (default: 0.5 0.8 0.9 0.95 0.99)")
-    tu.add_argument("--lambdas", type=float, nargs="+", default=[0.001, 0.005, 0.01, 0.05, 0.1], metavar="L",
-                    help="act_lambda values >= 0, the ponder cost: higher trains shallower models "
-                         "(default: 0.001 0.005 0.01 0.05 0.1)")
-    tu.add_argument("--epochs", type=int, default=3, metavar="N",
-                    help="passes over the training data per model (default: %(default)s)")
-    tu.add_argument("--steps", type=int, metavar="N",
-                    help="cap the optimizer steps of each training (default: no cap, --epochs decides)")
-    tu.add_argument("--batch-size", type=int, default=32, metavar="N",
-                    help="sequences per batch, in training and validation (default: %(default)s)")
-    tu.add_argument("--score-metric", default="balanced", metavar="METRIC",
-                    help="what picks the best configuration, lower is better: perplexity, layers, or balanced "
-                         "(perplexity + 10 x layers executed) (default: %(default)s)")
-    tu.add_argument("--data", metavar="PATH",
-                    help="a WikiText-2 folder (word-level) or a UTF-8 text file (byte-level, split 90/5/5) "
-                         "(default: the embedded corpus, byte-level)")
-    tu.add_argument("--output-dir", default="results/act_tuning", metavar="DIR",
-                    help="where act_tuning_results.json and the plots go (default: %(default)s)")
-    tu.add_argument("--mode", default="sweep", help="sweep (one training per lambda, evaluated at every threshold) "
-                                                    "or full (one training per cell) (default: %(default)s)")
-    tu.add_argument("--search", default="grid", help="grid, or pareto (NSGA-II over [min, max] of the "
-                                                    "thresholds and lambdas, objectives perplexity and layers) "
-                                                    "(default: %(default)s)")
-    tu.add_argument("--train-threshold", type=float, metavar="T",
-                    help="sweep mode: the threshold each lambda's model trains at (default: the highest of "
-                         "--thresholds)")
-    tu.add_argument("--trials", type=int, default=20, metavar="N",
-                    help="trials of --search pareto, all workers together (default: %(default)s)")
-    tu.add_argument("--seeds", type=int, default=1, metavar="N",
-                    help="repeat each configuration with random seeds 0..N-1 and report mean and spread "
-                         "(default: %(default)s)")
-    tu.add_argument("--storage", help="Optuna storage to resume from, e.g. sqlite:///tune.db or "
-                                      "postgresql://user:password@host/db; several workers may share one "
-                                      "(default: none, in memory)")
-    tu.add_argument("--study-name", help="study name in --storage (default: ponder-act-grid or ponder-act-pareto)")
-    tu.add_argument("--heartbeat", type=int, default=30, metavar="SECONDS",
-                    help="with --storage: a worker beats every SECONDS for the cells it computes; a cell whose "
-                         "worker is silent for 4 beats is redone by another worker (default: %(default)s)")
-    tu.add_argument("--seq-len", type=int, default=128, metavar="N",
-                    help="tokens per sequence, also the model's context (default: %(default)s)")
-    tu.add_argument("--d-model", type=int, default=64, metavar="N",
-                    help="the model's width; heads: d_model / 32 (at least 1), d_ff: 4 x d_model "
-                         "(default: %(default)s)")
-    tu.add_argument("--n-layers", type=int, default=4, metavar="N",
-                    help="the model's layers, the most a token can run (default: %(default)s)")
-    tu.add_argument("--eval-batches", type=int, metavar="N",
-                    help="cap the validation batches per evaluation (default: the whole validation split)")
-    tu.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    tu.add_argument("--no-progress", action="store_true", help="no progress bar (default: a progress bar)")
-    tu.set_defaults(handler=_tune)
-
-
-def _tune(args: argparse.Namespace) -> int:
-    from ponder.errors import ConfigError
-
-    for flag, choices in (("score_metric", ("perplexity", "layers", "balanced")), ("mode", ("sweep", "full")),
-                          ("search", ("grid", "pareto"))):
-        if getattr(args, flag) not in choices:
-            raise ConfigError(f"unknown --{flag.replace('_', '-')} {getattr(args, flag)!r}; "
-                              f"choose from {', '.join(choices)}")
-    for t in args.thresholds + ([args.train_threshold] if args.train_threshold is not None else []):
-        if not 0.0 < t <= 1.0:
-            raise ConfigError(f"--thresholds: {t} is outside (0, 1]")
-    for lam in args.lambdas:
-        if not lam >= 0.0:
-            raise ConfigError(f"--lambdas: {lam} is negative")
-    for flag in ("epochs", "steps", "batch_size", "trials", "seeds", "seq_len", "d_model", "n_layers",
-                 "eval_batches", "heartbeat"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    from ponder.tune import format_table, run_act_hyperparameter_tuning
-
-    r = run_act_hyperparameter_tuning(
-        args.data, args.batch_size, args.epochs, args.output_dir, threshold_values=args.thresholds,
-        lambda_values=args.lambdas, score_metric=args.score_metric, mode=args.mode, search=args.search,
-        n_trials=args.trials, seeds=args.seeds, storage=args.storage, study_name=args.study_name,
-        d_model=args.d_model, n_layers=args.n_layers, n_seq=args.seq_len, max_steps=args.steps,
-        max_eval_batches=args.eval_batches, device=args.device, progress=not args.no_progress,
-        train_threshold=args.train_threshold, heartbeat_interval=args.heartbeat)
-    print(format_table(r))
-    print(f"best: threshold {r['best_config']['threshold']:g}, lambda {r['best_config']['lambda']:g} "
-          f"({r['score_metric']} score {r['best_score']:.3f}); {r['n_trainings']} trainings, "
-          f"{r['resumed_trials']} trials resumed, {r['cells_computed_here']} computed here")
-    print(f"wrote {args.output_dir}/act_tuning_results.json and plots", file=sys.stderr)
     return 0
 
 

@@ -532,27 +532,6 @@ def make_loaders(data_path: str | Path | None, batch_size: int, n_seq: int, seed
             DataLoader(valid, batch_size=batch_size), corpus.tokenizer.vocab_size)
 
 
-def connect_storage(storage: Any, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_period: int | None = None) -> Any:
-    """``storage`` opened as Optuna will use it (``None`` and storage objects as they are), or a ConfigError that
-    names the URL, says why it cannot be opened and which URLs are accepted."""
-    if not isinstance(storage, str):
-        return storage
-    import sqlalchemy.exc
-
-    optuna = quiet_optuna()
-    try:
-        opened = open_storage(storage, heartbeat_interval, grace_period)
-        if isinstance(opened, str):  # a scheme open_storage passes on: Optuna opens any string as a database URL
-            opened = optuna.storages.RDBStorage(opened)
-    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError, ValueError,
-            OSError) as exc:
-        reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot open the Optuna storage {storage!r}: {reason}; give a database URL such as "
-                          "sqlite:///tune.db (a file in this folder; sqlite:////abs/path/tune.db for an absolute "
-                          "path) or postgresql://user:password@host/db (also mysql://)") from None
-    return opened
-
-
 def run_act_hyperparameter_tuning(data_path: str | Path | None = None, batch_size: int = 32, num_epochs: int = 3,
                                   output_dir: str | Path = "results/act_tuning", *,
                                   threshold_values: Sequence[float] = DEFAULT_THRESHOLDS,
@@ -575,7 +554,7 @@ def run_act_hyperparameter_tuning(data_path: str | Path | None = None, batch_siz
     resolve_score(score_metric)
     if batch_size < 1 or n_trials < 1 or seeds < 1 or (max_steps is not None and max_steps < 1):
         raise ConfigError("batch size, trials, seeds and steps must be >= 1")
-    storage = connect_storage(storage, heartbeat_interval, grace_period)  # before any data is read or model trained
+    storage = open_storage(storage, heartbeat_interval, grace_period)  # before any data is read or model trained
     train_loader, val_loader, vocab_size = make_loaders(data_path, batch_size, n_seq)
     tuner = ACTHyperparameterTuner(vocab_size, d_model, n_layers, n_seq, max_steps=max_steps,
                                    max_eval_batches=max_eval_batches, device=device, progress=progress)
@@ -604,25 +583,3 @@ def describe_data(data_path: str | Path | None) -> str:
         return "the embedded corpus (bytes)"
     kind = "WikiText-2, words" if Path(data_path).is_dir() else "bytes"
     return f"{data_path} ({kind})"
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The table ``ponder tune`` prints: a header with the model's shape and the data, a row per configuration
-    (by lambda, then threshold), and a line saying what the columns are."""
-    n_layers = report.get("n_layers")
-    shape = report.get("model") or {"n_layers": n_layers}
-    model = ", ".join(f"{key} {value}" for key, value in shape.items())
-    lines = [f"model: {model}; data: {report.get('data', 'not recorded')}; score: {report.get('score_metric')} "
-             "(lower is better)"]
-    head = ("threshold", "lambda", "perplexity", "layers executed", "mean token depth", "speed-up", "score")
-    lines.append("  ".join(f"{h:>{max(len(h), 9)}}" for h in head))
-    for x in sorted(report["all_results"], key=lambda x: (x["lambda"], x["threshold"])):
-        depth = x.get("mean_token_depth", float("nan"))
-        cells = (f"{x['threshold']:g}", f"{x['lambda']:g}", f"{x['final_val_perplexity']:.3f}",
-                 f"{x['avg_layers_executed']:.2f}", f"{depth:.2f}", f"{x['speedup_potential']:.2f}x",
-                 f"{x['score']:.3f}")
-        lines.append("  ".join(f"{c:>{max(len(h), 9)}}" for c, h in zip(cells, head, strict=True)))
-    of = f" (of {n_layers})" if n_layers else ""
-    lines.append(f"layers executed{of}: per validation batch, its deepest token's depth, averaged; mean token depth: "
-                 "layers per token; speed-up: n_layers / layers executed")
-    return "\n".join(lines)

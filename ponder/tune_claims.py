@@ -21,7 +21,6 @@ def quiet_optuna():
 
 
 HEARTBEAT_INTERVAL = 30
-RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql")
 
 
 @contextlib.contextmanager
@@ -35,11 +34,12 @@ def experimental_ok():
 
 
 def open_storage(storage: Any, heartbeat_interval: int = HEARTBEAT_INTERVAL, grace_period: int | None = None) -> Any:
-    """``storage`` as Optuna takes it. An RDB URL (``sqlite://``, ``postgresql://``, ``mysql://``) becomes an
-    ``RDBStorage`` with a heartbeat: a trial whose worker has not beaten for ``grace_period`` seconds (default
-    4 x ``heartbeat_interval``) counts as stale and is failed, so a crashed worker's cells are redone. ``None``
-    (in memory) and storage objects are passed through as they are."""
-    if not isinstance(storage, str) or storage.split(":", 1)[0].split("+", 1)[0].lower() not in RDB_SCHEMES:
+    """``storage`` as Optuna takes it. A database URL (``sqlite:///tune.db``, ``postgresql://``, ``mysql://``)
+    becomes an ``RDBStorage`` with a heartbeat: a trial whose worker has not beaten for ``grace_period`` seconds
+    (default 4 x ``heartbeat_interval``) counts as stale and is failed, so a crashed worker's cells are redone.
+    ``None`` (in memory) and storage objects are passed through as they are. A URL that cannot be opened is a
+    ConfigError naming it, why, and the URLs that work."""
+    if not isinstance(storage, str):
         return storage
     if heartbeat_interval < 1 or (grace_period is not None and grace_period < 1):
         raise ConfigError("the heartbeat interval and grace period must be whole seconds >= 1")
@@ -53,11 +53,20 @@ def open_storage(storage: Any, heartbeat_interval: int = HEARTBEAT_INTERVAL, gra
             with experimental_ok():
                 return optuna.storages.RDBStorage(storage, heartbeat_interval=int(heartbeat_interval),
                                                   grace_period=int(grace_period or 4 * heartbeat_interval))
-        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
+        except (sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.ArgumentError, ImportError, ValueError) as exc:
+            raise _unopenable(storage, exc) from None  # a URL no retry can mend
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, OSError) as exc:
             if attempt == 4:
-                raise
+                raise _unopenable(storage, exc) from None
             time.sleep(0.2 + random.random())
     raise AssertionError("not reached")
+
+
+def _unopenable(storage: str, exc: Exception) -> ConfigError:
+    reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+    return ConfigError(f"cannot open the Optuna storage {storage!r}: {reason}; give a database URL such as "
+                       "sqlite:///tune.db (a file in this folder; sqlite:////abs/path/tune.db for an absolute "
+                       "path) or postgresql://user:password@host/db (also mysql://)")
 
 
 def fail_stale_claims(study) -> None:

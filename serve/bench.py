@@ -95,6 +95,13 @@ def resolve_target(arg: str, model: str | None = None) -> Target:
     return _from_file(path / model / str(versions_in(path / model)[-1]) / "model.onnx")
 
 
+def model_file(arg: str) -> Path:
+    """The model.onnx that ``arg`` names, found as :func:`resolve_target` finds it; ``arg`` itself when nothing by
+    that name exists (the caller reports it)."""
+    target = resolve_target(arg)
+    return Path(arg) if target.path is None else target.path
+
+
 @dataclass
 class Sample:
     """One request: its latency, its depth, and (scored after the timed block) how well it predicted the next
