@@ -16,17 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ponder.contracts.norms import ChannelsFirst, FoldableNorm
 from ponder.errors import PonderError
 
 POINTS_PER_LAYER = 4000
 
 
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The norm layers of any model: LayerNorm, BatchNorm, RMSNorm, DyT/ADyT (wrappers counted once)."""
-    from ponder.plugins.norm.basic import ChannelsFirst, RMSNorm
-    from ponder.plugins.norm.dyt import DynamicTanh
-
-    types: tuple[type, ...] = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, RMSNorm, DynamicTanh)
+    """The norm layers of any model: LayerNorm, BatchNorm, GroupNorm, any RMSNorm, and every norm that declares
+    itself foldable (DyT/ADyT and third-party ones); wrappers are counted once."""
+    types: tuple[type, ...] = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, FoldableNorm)
     if hasattr(nn, "RMSNorm"):
         types += (nn.RMSNorm,)
     out, inner = [], set()
@@ -36,22 +35,19 @@ def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if isinstance(module, ChannelsFirst):
             inner.add(id(module.norm))
             out.append((name, module))
-        elif isinstance(module, types):
+        elif isinstance(module, types) or type(module).__name__.endswith("RMSNorm"):
             out.append((name, module))
     return out
 
 
 def _core(module: nn.Module, y: Tensor) -> Tensor:
     """The layer's output with its per-channel affine (weight, bias) taken off."""
-    from ponder.plugins.norm.basic import ChannelsFirst
-    from ponder.plugins.norm.dyt import DynamicTanh
-
     layer = module.norm if isinstance(module, ChannelsFirst) else module
     weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
     if not isinstance(weight, Tensor) or weight.dim() != 1:
         return y
     channels_first = (isinstance(module, (ChannelsFirst, nn.modules.batchnorm._BatchNorm, nn.GroupNorm))
-                      or (isinstance(layer, DynamicTanh) and not layer.channels_last))
+                      or getattr(layer, "channels_last", True) is False)
     shape = (-1,) + (1,) * (y.dim() - 2) if channels_first else (weight.shape[0],)
     if isinstance(bias, Tensor):
         y = y - bias.view(shape)

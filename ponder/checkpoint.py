@@ -26,7 +26,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ponder import __version__
-from ponder.errors import CheckpointError
+from ponder.config import parse_config
+from ponder.data import tokenizer_from_json
+from ponder.errors import CheckpointError, ConfigError
+from ponder.model import build_model
 
 FORMAT = "ponder-checkpoint"
 FORMAT_VERSION = 1
@@ -252,11 +255,6 @@ def _newest_intact(root: Path, before: Path | None) -> tuple[Path, Any] | None:
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[Any, Any, Any]:
     """``(model, tokenizer, run_config)`` from a checkpoint or run folder, in eval mode on ``device``."""
-    from ponder.config import parse_config
-    from ponder.data import tokenizer_from_json
-    from ponder.errors import ConfigError
-    from ponder.train import build_model
-
     ckpt = resolve(path)
     saved = read_config(ckpt)
     try:

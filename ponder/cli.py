@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ponder import __version__
+from ponder.limits import DEFAULT_OPSET, THRESHOLD_RANGE
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Evaluate a checkpoint: perplexity, layers executed and mean token depth "
                                          "per threshold, as a table, JSON and a PNG.")
     ev.add_argument("checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
-    ev.add_argument("--threshold", "-t", type=float, nargs="+", help="thresholds in (0, 1] (default: the trained one)")
+    ev.add_argument("--threshold", "-t", type=float, nargs="+",
+                    help=f"thresholds in {THRESHOLD_RANGE} (default: the trained one)")
     ev.add_argument("--split", choices=["valid", "test"], default="valid", help="which split (default: valid)")
     ev.add_argument("--batches", type=int, help="evaluate only the first N batches")
     ev.add_argument("--batch-size", type=int, help="sequences per batch (default: the training batch size); "
@@ -134,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("-o", "--output", help="a lone .onnx file instead of a repository")
     ex.add_argument("--name", help="model name in the repository")
     ex.add_argument("--version", type=int, help="version folder (default: one past the highest there)")
-    ex.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    ex.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default: %(default)s)")
     ex.add_argument("--no-fold", action="store_true", help="keep DyT/ADyT affines in the graph")
     ex.add_argument("--compaction", choices=["auto", "on", "off"], default="auto",
                     help="run each layer on its running tokens only: 'auto' (default) where that is faster, chosen "
@@ -155,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "after --text, with the layers executed and the latency of each step.")
     rn.add_argument("model", help="a model.onnx written by ponder export, or a version or model folder")
     rn.add_argument("--text", required=True, help="the prompt")
-    rn.add_argument("--threshold", "-t", type=float, help="act_threshold in (0, 1] (default: the trained one)")
+    rn.add_argument("--threshold", "-t", type=float,
+                    help=f"act_threshold in {THRESHOLD_RANGE} (default: the trained one)")
     rn.add_argument("--tokens", type=int, default=32, help="how many tokens to generate (default: 32)")
     rn.set_defaults(handler=_run)
 

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from ponder.errors import ConfigError
+from ponder.limits import MODEL_NORM_POSITIONS, check_threshold
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-NORM_POSITIONS = ("attn", "ffn", "final")
 SECTIONS = ("model", "norm", "halting", "optimizer", "controllers", "data", "train")  # the top-level keys
 
 
@@ -74,8 +74,7 @@ class ModelConfig:
                               "heads of even size (for RoPE)")
         if not 0 <= self.n_local_heads <= self.n_heads:
             raise ConfigError(f"model.n_local_heads must be in [0, n_heads={self.n_heads}], got {self.n_local_heads}")
-        if not 0.0 < self.act_threshold <= 1.0:
-            raise ConfigError(f"model.act_threshold = {self.act_threshold} is outside (0, 1]")
+        check_threshold(self.act_threshold, "model.act_threshold")
         if not 1 <= self.attn_window <= self.max_seq_len:
             raise ConfigError(f"model.attn_window = {self.attn_window} is outside [1, max_seq_len={self.max_seq_len}]")
         if not 10 <= self.rope_base <= 1e8:
@@ -102,10 +101,10 @@ class PluginSpec:
         positions = raw.get("positions", {})
         if section != "norm" and positions:
             raise ConfigError(f"[{section}] has no per-position settings (only [norm.positions.*] does)")
-        bad = set(positions) - set(NORM_POSITIONS)
+        bad = set(positions) - set(MODEL_NORM_POSITIONS)
         if bad:
             raise ConfigError(f"[norm.positions] has unknown position(s) {sorted(bad)}; valid: "
-                              f"{', '.join(NORM_POSITIONS)}")
+                              f"{', '.join(MODEL_NORM_POSITIONS)}")
         return cls(raw["name"], params, {k: dict(v) for k, v in positions.items()})
 
     def params_for(self, position: str) -> dict[str, Any]:
@@ -239,7 +238,7 @@ def check_config(run: RunConfig) -> None:
     run.data.check()
     run.train.check(run.model)
     try:
-        for position in NORM_POSITIONS:
+        for position in MODEL_NORM_POSITIONS:
             registry.validate("norm", run.norm.name, run.norm.params_for(position))
         registry.validate("halting", run.halting.name, run.halting.params)
         registry.validate("optimizer", run.optimizer.name, run.optimizer.params)

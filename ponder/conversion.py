@@ -27,13 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ponder import registry
+from ponder.contracts.norms import ChannelsFirst
+
 SOURCES = ("layernorm", "batchnorm", "rmsnorm")
 
 
 def _source_of(module: nn.Module) -> tuple[str, int] | None:
     """The source kind of a norm layer and its channel count, or None if it is not one we replace."""
-    from ponder.plugins.norm.basic import RMSNorm
-
     if isinstance(module, nn.LayerNorm):
         if len(module.normalized_shape) != 1:
             warnings.warn(f"skipping {module}: only LayerNorm over the last dimension can be converted",
@@ -42,20 +43,23 @@ def _source_of(module: nn.Module) -> tuple[str, int] | None:
         return "layernorm", module.normalized_shape[0]
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return "batchnorm", module.num_features
-    rms_types = (RMSNorm, nn.RMSNorm) if hasattr(nn, "RMSNorm") else (RMSNorm,)
-    if isinstance(module, rms_types):
-        shape = getattr(module, "normalized_shape", None) or (module.weight.shape[0],)
+    if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
+        shape = module.normalized_shape or (module.weight.shape[0],)
         return "rmsnorm", shape[0]
     if _named_rms_norm(module):
-        return "rmsnorm", module.weight.shape[0]
+        shape = getattr(module, "normalized_shape", None)
+        return "rmsnorm", shape[0] if shape else module.weight.shape[0]
     return None
 
 
 def _named_rms_norm(module: nn.Module) -> bool:
-    """An RMSNorm known only by its class name (e.g. transformers' ``LlamaRMSNorm``): a 1-d ``weight``
-    and an epsilon, under a name ending in ``RMSNorm``."""
+    """An RMSNorm known by its class name (ponder's own, transformers' ``LlamaRMSNorm`` and its copies): an
+    epsilon and either a 1-d ``weight`` or a one-entry ``normalized_shape``, under a name ending in ``RMSNorm``."""
     weight = getattr(module, "weight", None)
-    return (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.Tensor) and weight.dim() == 1
+    shape = getattr(module, "normalized_shape", None)
+    sized = (isinstance(weight, torch.Tensor) and weight.dim() == 1) or (
+        weight is None and isinstance(shape, tuple) and len(shape) == 1)
+    return (type(module).__name__.endswith("RMSNorm") and sized
             and any(isinstance(getattr(module, eps, None), float) for eps in ("eps", "variance_epsilon")))
 
 
@@ -64,6 +68,8 @@ def _gain_is_weight(module: nn.Module) -> bool:
     """Whether an RMSNorm known only by name scales by its ``weight`` (LLaMA) rather than, say,
     ``1 + weight`` (Gemma): its output for an all-ones input, whose RMS is 1, must be the weight."""
     weight = module.weight
+    if weight is None:  # no gain to carry
+        return True
     try:
         out = module(torch.ones_like(weight).unsqueeze(0))
     except Exception:  # a forward we cannot probe is one we do not trust
@@ -77,8 +83,6 @@ def _gain_is_weight(module: nn.Module) -> bool:
 @torch.no_grad()
 def _carry_affine(old: nn.Module, new: nn.Module) -> None:
     """Copy ``weight`` and ``bias`` from the old norm into the new one where names and shapes match."""
-    from ponder.plugins.norm.basic import ChannelsFirst
-
     target = new.norm if isinstance(new, ChannelsFirst) else new
     if _named_rms_norm(old) and not _gain_is_weight(old):
         warnings.warn(f"{type(old).__name__}: its gain is not its weight (e.g. 1 + weight), so the learned gain "
@@ -92,8 +96,6 @@ def _carry_affine(old: nn.Module, new: nn.Module) -> None:
 
 def _replacement(module: nn.Module, to: str, sources: tuple[str, ...], params: dict[str, Any],
                  keep_affine: bool = False) -> nn.Module | None:
-    from ponder import registry
-
     found = _source_of(module)
     if found is None or found[0] not in sources:
         return None
@@ -119,8 +121,6 @@ def convert(model: nn.Module, to: str = "dyt", source: tuple[str, ...] | str = (
     layer's ``weight`` and ``bias`` into its replacement where names and shapes match. A model that
     is itself a norm layer cannot be replaced in place: use :func:`convert_module`.
     """
-    from ponder import registry
-
     sources = (source,) if isinstance(source, str) else tuple(source)
     bad = [s for s in sources if s not in SOURCES]
     if bad:
@@ -144,3 +144,17 @@ def convert_module(module: nn.Module, to: str = "dyt", source: tuple[str, ...] |
     convert(module, to, sources, keep_affine=keep_affine, **params)
     new = _replacement(module, to, sources, params, keep_affine)
     return new if new is not None else module
+
+
+def convert_ln_to_dyt(module: nn.Module, alpha_init_value: float = 0.5) -> nn.Module:
+    """Replace every LayerNorm in ``module`` with DynamicTanh; returns the module (the DyT reference's helper)."""
+    return convert_module(module, to="dyt", source=("layernorm",), alpha_init_value=alpha_init_value)
+
+
+def convert_ln_to_adyt(module: nn.Module, lambda_factor: float = 0.1, smooth_factor: float = 0.99,
+                       alpha_min: float = 0.1, alpha_max: float = 2.0, alpha_init_value: float = 0.5) -> nn.Module:
+    """Replace every LayerNorm in ``module`` with AdaptiveDynamicTanh; returns the module (the ADyT
+    reference's helper)."""
+    return convert_module(module, to="adyt", source=("layernorm",), lambda_factor=lambda_factor,
+                          smooth_factor=smooth_factor, alpha_min=alpha_min, alpha_max=alpha_max,
+                          alpha_init_value=alpha_init_value)

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ponder.contracts.halting import HaltState
 from ponder.model import PonderLM, Rows, attention_mask, compacted_step, rope_tables
-from ponder.plugins.halt.rules import HaltState
 
 STATE = ("halted", "cum", "depth", "output", "hidden", "layers")
 TABLES = ("cos", "sin", "mask")
@@ -70,7 +70,7 @@ class _LayerStep(nn.Module):
         return new.halted, new.cum, new.depth, new.output, new.hidden, layers + 1
 
 
-class Step(nn.Module):
+class TracedLayer(nn.Module):
     """One layer and halting step, dense or compacted; the block's parameters and buffers come in as
     arguments after the state (``keys`` order), so one trace serves every layer."""
 
@@ -226,7 +226,7 @@ def build(model: PonderLM, compaction: str, cutoff: float | None, opset: int, un
     weight_names = [f"w{k}" for k in range(len(signature))]
     steps = {}
     for compact in ([False, True] if compaction != "off" else [False]):
-        step = Step(model, template, window, compact)
+        step = TracedLayer(model, template, window, compact)
         weights = tuple(t.detach() for _, t in tensors_of(template))
         args = (*prologue_out, torch.tensor(0.9), torch.tensor(1, dtype=torch.int64), *weights)
         shapes = [tuple(state_shapes + table_shapes + [None, None] + [None] * len(weights))]  # the one *args

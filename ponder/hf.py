@@ -33,6 +33,8 @@ except ImportError as exc:  # pragma: no cover - exercised only where the extra 
     raise ImportError("ponder.hf needs Hugging Face transformers and accelerate: pip install 'ponder[hf]'") from exc
 
 from ponder import registry
+from ponder.contracts.controllers import TrainingEvent, dispatch
+from ponder.contracts.norms import required_controllers
 from ponder.conversion import convert
 from ponder.dials import Dial, Dials
 from ponder.errors import CheckpointError, ConfigError
@@ -349,14 +351,9 @@ class PonderCallback(TrainerCallback):
     # -- events ----------------------------------------------------------------------------------------
 
     def _event(self, name: str, step: int, loss: float, state: Any, metrics: dict[str, Any] | None = None) -> None:
-        from ponder.train import TrainingEvent
-
-        event = TrainingEvent(name, step, loss, self._model, self._optimizer, state.max_steps, metrics or {},
-                              self._log, self.dials)
-        for _, ctrl in self.controllers:
-            handler = getattr(ctrl, name, None)
-            if handler is not None:
-                handler(event)
+        dispatch([ctrl for _, ctrl in self.controllers],
+                 TrainingEvent(name, step, loss, self._model, self._optimizer, state.max_steps, metrics or {},
+                               self._log, self.dials))
 
     def _capture_loss(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
@@ -388,9 +385,6 @@ class PonderCallback(TrainerCallback):
         return float(value)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        from ponder.plugins.control.adyt import ADyTController
-        from ponder.plugins.norm.dyt import AdaptiveDynamicTanh
-
         self._model, self._optimizer = model, _unwrap(optimizer)
         own = getattr(model, "dials", None)
         if isinstance(own, Dials):
@@ -398,11 +392,10 @@ class PonderCallback(TrainerCallback):
             if clash:
                 raise ConfigError(f"the model already has a dial named {sorted(clash)[0]!r}")
             self.dials = Dials(*own.values(), self.lr_dial)
-        has_adyt = any(isinstance(m, AdaptiveDynamicTanh) for m in model.modules())
-        if has_adyt and not any(isinstance(c, ADyTController) for _, c in self.controllers):
-            self._add("adyt", ADyTController())
-            self._log("PonderCallback: the model has ADyT layers: added the 'adyt' controller (gradient-norm "
-                      "update before each optimizer step)")
+        for name in required_controllers(model, [label for label, _ in self.controllers]):
+            self._add(name, registry.create("controller", name))
+            self._log(f"PonderCallback: the model's norms need the {name!r} controller (their "
+                      "training_controller): added it")
         if self._hook is not None:
             self._hook.remove()
         self._hook = model.register_forward_hook(self._capture_loss, with_kwargs=True)

@@ -9,6 +9,7 @@ can run on its running tokens only (compaction, :func:`compacted_step`), as the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -18,9 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ponder import registry
-from ponder.config import ModelConfig, PluginSpec
+from ponder.config import ModelConfig, PluginSpec, RunConfig
+from ponder.contracts.halting import HaltState
 from ponder.dials import Dial, Dials
-from ponder.plugins.halt.rules import HaltState
+from ponder.limits import THRESHOLD_HIGH, THRESHOLD_LOW
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
@@ -192,7 +194,7 @@ class PonderLM(nn.Module):
             Dial("rope_base", cfg.rope_base, 10.0, 1e8, doc="RoPE base of every attention layer"),
             Dial("attn_window", cfg.attn_window, 1.0, float(cfg.max_seq_len), integer=True,
                  doc="sliding window of the local attention heads"),
-            Dial("act_threshold", cfg.act_threshold, 0.0, 1.0, min_inclusive=False,
+            Dial("act_threshold", cfg.act_threshold, THRESHOLD_LOW, THRESHOLD_HIGH, min_inclusive=False,
                  doc="cumulative halting probability at which a token stops"),
         )
 
@@ -270,3 +272,9 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=0.02)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
+
+
+def build_model(run: RunConfig, vocab_size: int) -> PonderLM:
+    """The model a run config describes, for a vocabulary of ``vocab_size`` (what ``ponder train`` builds)."""
+    cfg = dataclasses.replace(run.model, vocab_size=vocab_size)
+    return PonderLM(cfg, norm=run.norm, halting=run.halting)

@@ -8,7 +8,6 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,38 +15,14 @@ import torch
 
 from ponder import checkpoint, distributed, registry
 from ponder.config import RunConfig, check_config, parse_config
+from ponder.contracts.controllers import EVENTS, TrainingEvent, dispatch, owns_lr
+from ponder.contracts.norms import required_controllers
 from ponder.data import Corpus, TokenChunks, epoch_order, prepare_data, tokenizer_from_json
-from ponder.dials import Dials
 from ponder.errors import CheckpointError, ConfigError, PonderError
 from ponder.evaluate import evaluate
-from ponder.model import PonderLM
+from ponder.model import PonderLM, build_model
 
-EVENTS = ("on_train_start", "after_backward", "after_step", "after_eval")
-
-
-@dataclass
-class TrainingEvent:
-    """What a controller sees at an event. It turns dials through ``dials`` only.
-
-    ``step`` counts optimizer steps completed: at ``on_train_start`` and ``after_backward`` it is the
-    step about to be taken, at ``after_step`` the one just taken. ``loss`` is NaN at ``on_train_start``.
-    ``dials`` defaults to the model's own (``model.dials``); a caller whose model has none, such as
-    ``ponder.hf.PonderCallback`` with a Hugging Face model, passes the dials it keeps itself.
-    """
-
-    name: str
-    step: int
-    loss: float
-    model: torch.nn.Module  # a PonderLM in ponder's trainer
-    optimizer: torch.optim.Optimizer
-    total_steps: int = 0
-    metrics: dict[str, Any] = field(default_factory=dict)
-    log: Callable[[str], None] = print  # a line for the person watching (kept clear of the progress bar)
-    dials: Dials | None = None
-
-    def __post_init__(self) -> None:
-        if self.dials is None:
-            self.dials = self.model.dials
+__all__ = ["EVENTS", "Trainer", "TrainingEvent", "build_model", "build_optimizer", "resolve_device", "train"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,11 +33,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device = {name!r} but no CUDA GPU is visible; use 'cpu' or 'auto'")
     return device
-
-
-def build_model(run: RunConfig, vocab_size: int) -> PonderLM:
-    cfg = dataclasses.replace(run.model, vocab_size=vocab_size)
-    return PonderLM(cfg, norm=run.norm, halting=run.halting)
 
 
 def build_optimizer(run: RunConfig, model: PonderLM) -> torch.optim.Optimizer:
@@ -130,10 +100,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.controllers = [registry.create("controller", c.name, **c.params) for c in run.controllers]
-        if self._needs_adyt_controller():
-            self.controllers.append(registry.create("controller", "adyt"))
-            self.notes.append("the model has ADyT layers: added the 'adyt' controller (gradient-norm update after "
-                              "backward)")
+        for name in required_controllers(self.model, [registry.normalize_name(c.name) for c in run.controllers]):
+            self.controllers.append(registry.create("controller", name))
+            self.notes.append(f"the model's norms need the {name!r} controller (their training_controller): added it")
         self.step = 0
         self._log: Callable[[str], None] = print
         if state is not None:
@@ -145,12 +114,6 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True, **distributed.no_buffer_sync())
             self.model.sync_halting = self.dist.all_true
-
-    def _needs_adyt_controller(self) -> bool:
-        from ponder.plugins.norm.dyt import AdaptiveDynamicTanh
-
-        listed = any(registry.normalize_name(c.name) == "adyt" for c in self.run.controllers)
-        return not listed and any(isinstance(m, AdaptiveDynamicTanh) for m in self.model.modules())
 
     # -- state ---------------------------------------------------------------------------------------
 
@@ -235,13 +198,8 @@ class Trainer:
         return x.to(self.device), y.to(self.device)
 
     def _event(self, name: str, loss: float, metrics: dict[str, Any] | None = None) -> None:
-        assert name in EVENTS, name
-        event = TrainingEvent(name, self.step, loss, self.model, self.optimizer, self.run.train.steps, metrics or {},
-                              self._log)
-        for ctrl in self.controllers:
-            handler = getattr(ctrl, name, None)
-            if handler is not None:
-                handler(event)
+        dispatch(self.controllers, TrainingEvent(name, self.step, loss, self.model, self.optimizer,
+                                                 self.run.train.steps, metrics or {}, self._log))
 
     def validate(self) -> dict[str, Any]:
         """Validation metrics; with several ranks, rank 0 measures and every rank receives its figures."""
@@ -271,7 +229,7 @@ class Trainer:
                    dynamic_ncols=True)
         self._log = (lambda line: tqdm.write(line, file=sys.stderr)) if main else (lambda line: None)
         # an LR-schedule controller owns the learning rate; otherwise the trainer's linear warm-up does
-        own_warmup = not any(getattr(c, "sets_lr", False) for c in self.controllers)
+        own_warmup = not owns_lr(self.controllers)
         self._event("on_train_start", math.nan)
         final: dict[str, Any] = {}
         try:

@@ -90,9 +90,14 @@ def _env_list(name: str) -> list[str] | None:
 
 
 def _ponder_version() -> str:
-    from ponder import __version__
+    """The installed ponder's version, read from its distribution's metadata (the registry sits below the core and
+    imports nothing from it)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("ponder")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0"
 
 
 class Registry:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from ponder.contracts.controllers import Controller, TrainingEvent
 
-class ADyTController:
+
+class ADyTController(Controller):
     """Calls ``update_adyt_grad_norms(model)`` after backward and before the optimizer step.
 
-    The trainer adds it by itself when the model has ADyT layers and the config lists no ``adyt``
-    controller, so a config that names the ``adyt`` norm trains correctly as it is.
+    The trainer adds it by itself when the model has ADyT layers (they declare ``training_controller = "adyt"``)
+    and the config lists no ``adyt`` controller, so a config that names the ``adyt`` norm trains correctly as it is.
 
     Args:
         every: update every N optimizer steps (1: every step; fewer updates save time if the cost matters).
@@ -21,7 +23,7 @@ class ADyTController:
         self.every = every
         self.updates = 0
 
-    def after_backward(self, event: Any) -> None:
+    def after_backward(self, event: TrainingEvent) -> None:
         from ponder.plugins.norm.dyt import update_adyt_grad_norms
 
         if event.step % self.every == 0:

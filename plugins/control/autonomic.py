@@ -14,11 +14,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ponder.contracts.controllers import Controller
+
 DEFAULT_DIALS = {"rope_base": {}, "attn_window": {}}
 _DIAL_KEYS = ("factor", "threshold", "min", "max")
 
 
-class Autonomic:
+class Autonomic(Controller):
     """Turns dials (by default the RoPE base and the attention window) up while the loss falls below
     its running average and down while it rises above it.
 

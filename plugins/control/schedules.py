@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ponder.contracts.controllers import Controller
 
-class _Schedule:
+
+class _Schedule(Controller):
     sets_lr = True  # tells the trainer that this controller owns the learning rate
 
     def __init__(self) -> None:

@@ -1,97 +1,20 @@
 """Halting rules: when each token stops going deeper, and what that costs in the loss.
 
-Every rule shares one per-layer step (:meth:`HaltingRule.step`), pure tensor maths on
-``[batch, seq]`` tensors, so the same code runs in training and inside an exported ONNX loop.
-The maths is in ALGORITHMS.md (ACT, PonderNet).
+Each is a :class:`ponder.contracts.halting.HaltingRule` (the contract every halting plugin implements) and shares
+its one per-layer step, pure tensor maths on ``[batch, seq]`` tensors, so the same code runs in training and
+inside an exported ONNX loop. The maths is in ALGORITHMS.md (ACT, PonderNet).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ponder.contracts.halting import HaltingRule, HaltState, pick
 
-def pick(stacked: Tensor, layer: int | Tensor) -> Tensor:
-    """Row ``layer`` of a per-layer stack; by ``index_select`` when the index is a tensor (the
-    exported layer loop), which export can trace without knowing the value."""
-    if isinstance(layer, Tensor):
-        return torch.index_select(stacked, 0, layer.reshape(1)).squeeze(0)
-    return stacked[layer]
-
-
-class HaltState(NamedTuple):
-    """What the layer loop carries per token (shapes ``[B, T]`` unless noted)."""
-
-    halted: Tensor  # bool: halted at or before the last layer run
-    cum: Tensor  # halting weight assigned so far; exactly 1 once halted
-    depth: Tensor  # layers run for this token (N), as a float count
-    output: Tensor  # [B, T, d] output state (ACT: the weighted sum; others: the state at halting)
-    hidden: Tensor  # [B, T, d] next layer's input: new state while running, output once halted (frozen)
-    weight: Tensor  # this layer's halting weight p_n (0 for tokens already halted)
-    aux: Tensor  # the rule's per-token loss accumulator (ACT: remainder R; PonderNet: KL terms)
-
-
-class HaltingRule(nn.Module):
-    """Base class: a per-layer halting unit ``sigmoid(w_n . s + b_n)`` and the shared step."""
-
-    weighted_output = False  # ACT outputs the halting-weighted mean of the states
-    per_layer_task_loss = False  # PonderNet's task loss is the expectation over halting layers
-
-    def __init__(self, d_model: int, n_layers: int, bias_init: float | None = -3.0) -> None:
-        super().__init__()
-        if n_layers < 1:
-            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
-        self.n_layers = n_layers
-        if bias_init is not None:  # one halting unit per layer, stacked ([L, d], [L]) for export
-            self.weight = nn.Parameter(torch.zeros(n_layers, d_model))
-            self.bias = nn.Parameter(torch.full((n_layers,), float(bias_init)))
-
-    def init_state(self, x: Tensor) -> HaltState:
-        zeros = x.new_zeros(x.shape[:-1])
-        return HaltState(zeros.bool(), zeros, zeros, torch.zeros_like(x), x, zeros, zeros)
-
-    def probability(self, s: Tensor, layer: int | Tensor) -> Tensor:
-        """The halting unit after ``layer``: ``sigmoid(w . s + b)`` per token."""
-        return torch.sigmoid(s @ pick(self.weight, layer) + pick(self.bias, layer))
-
-    def mass(self, s: Tensor, layer: int | Tensor, cum: Tensor) -> Tensor:
-        """Halting weight this layer would take if the token does not halt here."""
-        raise NotImplementedError
-
-    def step(self, state: HaltState, s: Tensor, layer: int | Tensor, threshold: float | Tensor) -> HaltState:
-        """Advance every token by one layer whose new states are ``s`` ([B, T, d]).
-
-        A running token halts when its cumulative weight reaches ``threshold`` (never early
-        when the threshold is 1.0) or at the last layer; it then takes the remainder
-        ``1 - cum`` as its weight, so weights sum to one. Halted tokens are left unchanged.
-        """
-        running = ~state.halted
-        remaining = 1.0 - state.cum
-        mass = self.mass(s, layer, state.cum)
-        if isinstance(threshold, Tensor):
-            threshold = threshold.to(s.dtype)
-        last = layer >= self.n_layers - 1  # a bool, or a bool tensor when the layer index is one
-        early = (state.cum + mass >= threshold) & (threshold < 1.0)
-        halt_now = running & (early | last)
-        p = torch.where(halt_now, remaining, torch.minimum(mass, remaining)) * running
-        if self.weighted_output:
-            output = state.output + p.unsqueeze(-1) * s
-        else:
-            output = torch.where(halt_now.unsqueeze(-1), s, state.output)
-        halted = state.halted | halt_now
-        hidden = torch.where(halted.unsqueeze(-1), output, s)
-        aux = state.aux + self.aux_term(p, halt_now, remaining, layer)
-        return HaltState(halted, state.cum + p, state.depth + running.to(s.dtype), output, hidden, p, aux)
-
-    def aux_term(self, p: Tensor, halt_now: Tensor, remaining: Tensor, layer: int | Tensor) -> Tensor:
-        return torch.zeros_like(p)
-
-    def loss(self, state: HaltState) -> Tensor:
-        """The rule's own loss term (a scalar), added to the task loss."""
-        return state.aux.new_zeros(())
+__all__ = ["ACT", "FixedDepth", "HaltState", "HaltingRule", "PonderNet", "pick"]
 
 
 class ACT(HaltingRule):

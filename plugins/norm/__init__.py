@@ -3,8 +3,7 @@
 from ponder.registry.hookspecs import hookimpl
 
 _LAZY = {
-    "DynamicTanh": "dyt", "AdaptiveDynamicTanh": "dyt", "update_adyt_grad_norms": "dyt",
-    "convert_ln_to_dyt": "dyt", "convert_ln_to_adyt": "dyt", "RMSNorm": "basic",
+    "DynamicTanh": "dyt", "AdaptiveDynamicTanh": "dyt", "update_adyt_grad_norms": "dyt", "RMSNorm": "basic",
 }
 
 

@@ -5,16 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ponder.contracts.norms import ChannelsFirst
 
-class ChannelsFirst(nn.Module):
-    """Applies a last-dimension norm to channels-first features (``[N, C, ...]``)."""
-
-    def __init__(self, norm: nn.Module) -> None:
-        super().__init__()
-        self.norm = norm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+__all__ = ["ChannelsFirst", "RMSNorm", "layer_norm", "rms_norm"]
 
 
 class RMSNorm(nn.Module):
@@ -23,6 +16,7 @@ class RMSNorm(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-6, elementwise_affine: bool = True) -> None:
         super().__init__()
         self.eps = eps
+        self.normalized_shape = (num_features,)
         self.weight = nn.Parameter(torch.ones(num_features)) if elementwise_affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ponder.contracts.norms import FoldableNorm, NeedsController  # noqa: F401  (the capabilities implemented here)
+
 # A model that ran this many training forwards without a gradient-norm update is warned about.
 _UNUPDATED_FORWARDS_WARNING = 50
 
@@ -29,8 +31,21 @@ def _size(normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
     return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
 
 
+class ScaledTanh(nn.Module):
+    """``tanh(alpha * x)``: what a DyT layer leaves in the exported graph once its affine is folded away."""
+
+    def __init__(self, alpha: float) -> None:
+        super().__init__()
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.alpha * x)
+
+
 class DynamicTanh(nn.Module):
     """``weight * tanh(alpha * x) + bias``: a normalisation layer without statistics.
+
+    A :class:`~ponder.contracts.norms.FoldableNorm`: export folds the affine into the next linear layer.
 
     Args:
         normalized_shape: size of the channel dimension.
@@ -68,6 +83,12 @@ class DynamicTanh(nn.Module):
         """What the trainer logs for this layer."""
         return {"alpha": float(self.alpha.detach())}
 
+    def split_affine(self) -> tuple[nn.Module, Tensor, Tensor | None] | None:
+        """``(tanh(alpha x) at today's alpha, weight, bias)``; None for channels-first layers."""
+        if not self.channels_last or self.weight.dim() != 1:
+            return None
+        return ScaledTanh(float(self.current_alpha().detach().reshape(()))), self.weight, self.bias
+
     def extra_repr(self) -> str:
         return (f"normalized_shape={self.normalized_shape}, alpha_init_value={self.alpha_init_value}, "
                 f"channels_last={self.channels_last}")
@@ -75,6 +96,8 @@ class DynamicTanh(nn.Module):
 
 class AdaptiveDynamicTanh(DynamicTanh):
     """DyT whose alpha adapts to the layer's smoothed gradient norm (the public ADyT reference's API).
+
+    A :class:`~ponder.contracts.norms.NeedsController`: the trainer adds the ``adyt`` controller for it.
 
     Args:
         normalized_shape: size of the channel dimension.
@@ -102,6 +125,8 @@ class AdaptiveDynamicTanh(DynamicTanh):
         self.alpha_min, self.alpha_max = alpha_min, alpha_max
         self.register_buffer("grad_norm", torch.ones(()))  # G_t, starts at 1.0
         self._unupdated_forwards = 0
+
+    training_controller = "adyt"  # updates grad_norm after backward, before the optimizer step
 
     def compute_alpha(self) -> Tensor:
         """``clip(alpha0 * (1 + lambda / (eps + G)), alpha_min, alpha_max)``."""
@@ -196,21 +221,3 @@ def adyt(num_features: int, position: str = "attn", alpha_init_value: float = 0.
     """
     return AdaptiveDynamicTanh(num_features, position != "conv", alpha_init_value, lambda_factor, smooth_factor, eps,
                                alpha_min, alpha_max, bias)
-
-
-def convert_ln_to_dyt(module: nn.Module, alpha_init_value: float = 0.5) -> nn.Module:
-    """Replace every LayerNorm in ``module`` with DynamicTanh; returns the module (the DyT reference's helper)."""
-    from ponder.conversion import convert_module
-
-    return convert_module(module, to="dyt", source=("layernorm",), alpha_init_value=alpha_init_value)
-
-
-def convert_ln_to_adyt(module: nn.Module, lambda_factor: float = 0.1, smooth_factor: float = 0.99,
-                       alpha_min: float = 0.1, alpha_max: float = 2.0, alpha_init_value: float = 0.5) -> nn.Module:
-    """Replace every LayerNorm in ``module`` with AdaptiveDynamicTanh; returns the module (the ADyT
-    reference's helper)."""
-    from ponder.conversion import convert_module
-
-    return convert_module(module, to="adyt", source=("layernorm",), lambda_factor=lambda_factor,
-                          smooth_factor=smooth_factor, alpha_min=alpha_min, alpha_max=alpha_max,
-                          alpha_init_value=alpha_init_value)

@@ -1,0 +1,85 @@
+"""The norm contract: what a norm plugin builds, and the capabilities ponder looks for instead of classes.
+
+A norm plugin registers ``factory(num_features, *, position="attn", **settings) -> nn.Module``. ``position`` is
+where the norm sits (``attn``, ``ffn``, ``final`` in ponder's language model, or ``conv`` for channels-first
+features ``[N, C, ...]``, which :class:`ChannelsFirst` adapts any last-dimension norm to). The module must be pure
+tensor maths so that it exports to ONNX. ``metrics() -> dict[str, float]``, if defined, is logged by the trainer.
+
+Two optional capabilities, each a method or attribute the norm defines; export, the trainer and the Hugging Face
+callback find them on any norm, built-in or third-party:
+
+- :class:`FoldableNorm`: ``split_affine()`` returns the norm as ``core(x) * weight + bias``; export then folds
+  ``weight`` and ``bias`` into the linear layer the norm feeds (``W' = W diag(weight)``, ``c' = W bias + c``)
+  and keeps only ``core`` in the graph.
+- :class:`NeedsController`: ``training_controller`` names a registered controller that must run while the norm
+  trains (ADyT's gradient-norm update). The trainer and the callback add it when the config lists none of
+  that name (:func:`required_controllers`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class FoldableNorm(Protocol):
+    """A norm whose output is ``core(x) * weight + bias`` over the last dimension."""
+
+    def split_affine(self) -> tuple[nn.Module, Tensor, Tensor | None] | None:
+        """``(core, weight [C], bias [C] or None)``, or None when this instance cannot be split (e.g. it is
+        channels-first): it is then exported as it is."""
+
+
+@runtime_checkable
+class NeedsController(Protocol):
+    """A norm that trains correctly only while a controller runs (e.g. ``"adyt"``)."""
+
+    training_controller: str
+
+
+def required_controllers(model: nn.Module, listed: Iterable[str] = ()) -> list[str]:
+    """The controllers ``model``'s norms need that ``listed`` (normalised names) lacks, in the order first met."""
+    have = set(listed)
+    out: list[str] = []
+    for module in model.modules():
+        if isinstance(module, NeedsController):
+            name = module.training_controller
+            if name not in have and name not in out:
+                out.append(name)
+    return out
+
+
+@torch.no_grad()
+def fold_into(norm: nn.Module, linear: nn.Linear) -> tuple[nn.Module, nn.Linear]:
+    """``linear(core(x) * w + b) == linear'(core(x))`` with ``W' = W diag(w)``, ``c' = W b + c``: the pair
+    ``(core, linear')`` for a :class:`FoldableNorm` that splits, else ``(norm, linear)`` unchanged."""
+    parts = norm.split_affine() if isinstance(norm, FoldableNorm) else None
+    if parts is None:
+        return norm, linear
+    core, weight, bias = parts
+    if weight.dim() != 1 or weight.shape[0] != linear.in_features:
+        return norm, linear
+    folded = nn.Linear(linear.in_features, linear.out_features, bias=True,
+                       device=linear.weight.device, dtype=linear.weight.dtype)
+    folded.weight.copy_(linear.weight * weight[None, :])
+    shift = linear.bias.clone() if linear.bias is not None else torch.zeros_like(folded.bias)
+    if bias is not None:
+        shift = shift + linear.weight @ bias
+    folded.bias.copy_(shift)
+    return core, folded
+
+
+class ChannelsFirst(nn.Module):
+    """Applies a last-dimension norm to channels-first features (``[N, C, ...]``): what a norm factory returns at
+    position ``conv`` when its norm works over the last dimension."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x.movedim(1, -1)).movedim(-1, 1)
