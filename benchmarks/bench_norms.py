@@ -53,15 +53,13 @@ def torch_fwd_bwd(module: torch.nn.Module, x: torch.Tensor):
 
 
 def onnx_session(module: torch.nn.Module, x: torch.Tensor, folder: Path, name: str):
-    import onnxruntime as ort
+    from ponder.onnx_runtime import open_session
 
     path = folder / f"{name}.onnx"
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), (x,), str(path), input_names=["x"], output_names=["y"], dynamo=True)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = open_session(path, torch.get_num_threads())
     feed = {"x": x.numpy()}
     expected = module(x).detach().numpy()
     got = session.run(None, feed)[0]

@@ -32,11 +32,11 @@ GOAL_THROUGHPUT_RATIO = 0.85
 
 
 def ensure_model(repository: Path, name: str) -> Path:
+    from ponder.model_repository import model_path, versions
+
     folder = repository / name
-    versions = sorted((int(p.name) for p in folder.glob("*") if p.name.isdigit()), reverse=True) if folder.is_dir() \
-        else []
-    if versions:
-        return folder / str(versions[0]) / "model.onnx"
+    if versions(folder):
+        return model_path(repository, name)
     from ponder.config import load_config
     from ponder.export import export_checkpoint
     from ponder.train import Trainer

@@ -31,7 +31,7 @@ def _plugin_switches(parser: argparse.ArgumentParser, dest: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ponder.tokens import add_parser as add_tokenize_parser
-    from ponder.tune_cli import add_parser as add_tune_parser
+    from ponder.tune.cli import add_parser as add_tune_parser
 
     parser = argparse.ArgumentParser(
         prog="ponder",
@@ -174,10 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _export(args: argparse.Namespace) -> int:
     from ponder.export import check_opset, check_output, export_checkpoint
+    from ponder.model_repository import check_model_name, check_version
 
     if args.repository and not args.name:
         raise _usage_error("--repository needs --name NAME")
+    if args.output is not None and (args.name is not None or args.version is not None):
+        raise _usage_error("--name and --version place a model in a --repository; with -o/--output the file "
+                           "is named by the path")
     check_opset(args.opset)  # before the progress line: a mistake is the one line printed
+    if args.name is not None:
+        check_model_name(args.name)
+    if args.version is not None:
+        check_version(args.version)
     if args.output is not None:
         check_output(args.output)
     print(f"exporting {args.checkpoint} (checking against PyTorch: {not args.skip_check})...", file=sys.stderr)
@@ -194,7 +202,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from ponder.serve.bench import model_file
+    from ponder.model_repository import model_file
     from ponder.serve.engine import read_metadata
 
     meta = read_metadata(model_file(args.model))
@@ -213,7 +221,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ponder.serve.bench import model_file
+    from ponder.model_repository import model_file
     from ponder.serve.engine import Engine
 
     if args.tokens < 1:

@@ -1,9 +1,12 @@
-"""Text, tokenizers and batches. Nothing is downloaded: data comes from local files or from the
-English documentation that every Python install ships (``pydoc_data.topics``)."""
+"""Text, tokenizers and batches for training. Nothing is downloaded: data comes from local files or from the
+English documentation that every Python install ships (``pydoc_data.topics``).
+
+The text helpers and the tokenizers themselves live in the torch-free ``ponder.text`` (serving reads text with
+them); the tokenizers here are the same ones, with ``encode`` giving a torch tensor.
+"""
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,105 +15,35 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ponder import text as _text
 from ponder.config import DataConfig
 from ponder.errors import DataError
+from ponder.text import embedded_corpus, split_text
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: 256 ids, no vocabulary to build or ship."""
-
-    kind = "byte"
-    vocab_size = 256
+class ByteTokenizer(_text.ByteTokenizer):
+    """UTF-8 bytes as tokens: 256 ids, no vocabulary to build or ship (``encode`` gives a LongTensor)."""
 
     def encode(self, text: str) -> Tensor:
-        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
-
-    def decode(self, ids: Tensor | list[int]) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": "byte"}
+        return torch.from_numpy(super().encode(text))
 
 
-class WordTokenizer:
+class WordTokenizer(_text.WordTokenizer):
     """Whitespace-separated words, one ``<eos>`` per line, ``<unk>`` for words outside the vocabulary
-    (WikiText-2 style). The vocabulary is built from the training split, most frequent first."""
-
-    kind = "word"
-    UNK, EOS = "<unk>", "<eos>"
-
-    def __init__(self, vocab: list[str]) -> None:
-        if vocab[:2] != [self.UNK, self.EOS]:
-            raise ValueError("a word vocabulary starts with <unk>, <eos>")
-        self.vocab = vocab
-        self.index = {w: i for i, w in enumerate(vocab)}
-
-    @classmethod
-    def build(cls, text: str, max_vocab: int = 0) -> WordTokenizer:
-        counts = collections.Counter(text.split())
-        counts.pop(cls.UNK, None)
-        counts.pop(cls.EOS, None)
-        words = sorted(counts, key=lambda w: (-counts[w], w))
-        if max_vocab:
-            words = words[: max(0, max_vocab - 2)]
-        return cls([cls.UNK, cls.EOS, *words])
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.vocab)
+    (WikiText-2 style). The vocabulary is built from the training split, most frequent first (``encode`` gives a
+    LongTensor)."""
 
     def encode(self, text: str) -> Tensor:
-        unk, eos, index = 0, 1, self.index
-        ids: list[int] = []
-        for line in text.splitlines():
-            ids.extend(index.get(w, unk) for w in line.split())
-            ids.append(eos)
-        return torch.tensor(ids, dtype=torch.long)
-
-    def decode(self, ids: Tensor | list[int]) -> str:
-        lines, words = [], []
-        for i in ids:
-            if int(i) == 1:
-                lines.append(" ".join(words) + "\n")
-                words = []
-            else:
-                words.append(self.vocab[int(i)])
-        return "".join(lines) + " ".join(words)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": "word", "vocab": self.vocab}
+        return torch.from_numpy(super().encode(text))
 
 
 Tokenizer = ByteTokenizer | WordTokenizer
 
 
 def tokenizer_from_json(data: dict[str, Any]) -> Tokenizer:
-    if data.get("kind") == "byte":
-        return ByteTokenizer()
-    if data.get("kind") == "word" and isinstance(data.get("vocab"), list):
-        return WordTokenizer(data["vocab"])
-    raise DataError(f"unknown tokenizer description {str(data)[:80]!r}")
-
-
-def embedded_corpus() -> str:
-    """Python's own English documentation topics (``pydoc_data.topics``): about 460 kB of text."""
-    from pydoc_data.topics import topics
-
-    return "\n".join(topics[key] for key in sorted(topics))
-
-
-def split_text(text: str, fractions: tuple[float, float] = (0.9, 0.05)) -> dict[str, str]:
-    """Split at line boundaries into train / valid / test by size (the rest is test)."""
-    lines = text.splitlines(keepends=True)
-    total = sum(len(line) for line in lines)
-    bounds = [fractions[0] * total, (fractions[0] + fractions[1]) * total]
-    parts: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
-    seen = 0
-    for line in lines:
-        split = "train" if seen < bounds[0] else "valid" if seen < bounds[1] else "test"
-        parts[split].append(line)
-        seen += len(line)
-    return {k: "".join(v) for k, v in parts.items()}
+    """The tokenizer a ``to_json()`` description names (:func:`ponder.text.tokenizer_from_json`, giving tensors)."""
+    found = _text.tokenizer_from_json(data)
+    return WordTokenizer(found.vocab) if isinstance(found, _text.WordTokenizer) else ByteTokenizer()
 
 
 WIKITEXT_SPLITS = ("train", "valid", "test")

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ponder.errors import PonderError
-from ponder.serve import DEFAULT_THRESHOLDS
+from ponder.limits import BENCH_THRESHOLDS
+from ponder.model_repository import STAGING_PREFIX, check_model_name, is_version_folder, model_path, versions
 
 if TYPE_CHECKING:
     import argparse
@@ -42,7 +43,7 @@ class DemoOptions:
     config: Path | None = None   # a run config instead of the preset
     steps: int | None = None     # override the config's train.steps
     fresh: bool = False          # forget the run and its exports first
-    thresholds: Sequence[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLDS))
+    thresholds: Sequence[float] = field(default_factory=lambda: list(BENCH_THRESHOLDS))
     requests: int = 100          # timed requests per threshold (validation sequences, batch 1)
     warmup: int = 5
     prompt: str = "The return statement"
@@ -57,8 +58,7 @@ def run_demo(o: DemoOptions, say: Callable[[str], None] = print) -> dict[str, An
     Settings(thresholds=o.thresholds, batch_sizes=(1,), requests=o.requests, warmup=o.warmup).check()
     if o.steps is not None and o.steps < 1:
         raise PonderError(f"--steps must be >= 1, got {o.steps}")
-    if not o.name or "/" in o.name or o.name.startswith("."):
-        raise PonderError(f"--name must be a plain folder name, got {o.name!r}")
+    check_model_name(o.name, "--name")  # the name `ponder export` writes and `ponder serve` serves
     from ponder.config import load_config
 
     run = load_config(o.config) if o.config else load_config(preset=o.preset)  # checked before anything is removed
@@ -97,7 +97,8 @@ def _forget(o: DemoOptions, say: Callable[[str], None]) -> None:
         shutil.rmtree(run)
         say(f"--fresh: removed {run}")
     if model.exists():
-        if not model.is_dir() or any(not (c.name.isdigit() or c.name.startswith(".tmp-")) for c in model.iterdir()):
+        if not model.is_dir() or any(not (is_version_folder(c.name) or c.name.startswith(STAGING_PREFIX))
+                                     for c in model.iterdir()):
             raise PonderError(f"--fresh would delete {str(model)!r}, which holds more than exported versions; "
                               "choose another --name")
         shutil.rmtree(model)
@@ -137,16 +138,16 @@ def _train(o: DemoOptions, run: Any, say: Callable[[str], None]) -> Path:
 
 def _export(o: DemoOptions, ckpt: Path, say: Callable[[str], None]) -> str:
     from ponder.export import export_checkpoint, weights_digest
-    from ponder.serve.bench import versions_in
     from ponder.serve.engine import read_metadata
 
     folder = o.repository / o.name
     if folder.is_dir():
         digest = weights_digest(ckpt)
-        for v in reversed(versions_in(folder)):
-            meta = read_metadata(folder / str(v) / "model.onnx")
+        for v in reversed(versions(folder)):
+            path = model_path(o.repository, o.name, v)
+            meta = read_metadata(path)
             if meta.get("source_weights_sha256") == digest and meta.get("compaction") == "auto":
-                say(f"[2/4] reusing {folder / str(v) / 'model.onnx'}, exported from these very weights")
+                say(f"[2/4] reusing {path}, exported from these very weights")
                 return str(v)
     say(f"[2/4] exporting {ckpt} to ONNX with early exit inside the graph, checked against PyTorch "
         "(about 20 s on 2 cores)")
@@ -279,7 +280,7 @@ def add_parser(commands: Any) -> None:
     de.add_argument("--repository", type=Path, default=Path("models"), metavar="ROOT",
                     help="the model repository (default: models)")
     de.add_argument("--name", default="demo", help="the model's name in the repository (default: demo)")
-    de.add_argument("--thresholds", "-t", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS), metavar="T",
+    de.add_argument("--thresholds", "-t", type=float, nargs="+", default=list(BENCH_THRESHOLDS), metavar="T",
                     help="act_threshold values in (0, 1] (default: %(default)s; 1.0 is always added)")
     de.add_argument("--requests", "-n", type=int, default=100, metavar="N",
                     help="timed requests per threshold (default: 100)")

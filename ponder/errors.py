@@ -15,3 +15,15 @@ class DataError(PonderError):
 
 class CheckpointError(PonderError):
     """A checkpoint that is missing, corrupt, or not a ponder checkpoint."""
+
+
+class NotFoundError(PonderError, LookupError):
+    """Something asked for by name that is not there: a model, a version of it, a model file."""
+
+
+class UnavailableError(PonderError):
+    """Something that is there but cannot be used now: a model that failed to load, a server shutting down."""
+
+
+class BadRequestError(PonderError, ValueError):
+    """A request the model cannot take (an input or a parameter out of range); the message names the field."""

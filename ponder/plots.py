@@ -1,4 +1,4 @@
-"""Plots a person would rather look at than read. matplotlib is imported only here and in ``ponder.tune_plots``.
+"""Plots a person would rather look at than read. matplotlib is imported only here and in ``ponder.tune.plots``.
 
 Each ``*_figure`` function builds a matplotlib Figure and returns it (to look at, test or save yourself); each
 ``plot_*`` function draws that figure into a PNG file. The figures belong to no window and no pyplot state, so
@@ -73,8 +73,10 @@ def plot_eval(results: list[dict[str, Any]], path: str | Path, title: str = "") 
 
 
 def plot_norm_curves(io: dict[str, Any], fits: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """One small panel per norm layer: output (affine removed) against input, with the fitted tanh."""
-    import torch
+    """One small panel per norm layer: output (affine removed) against input, with the fitted tanh.
+
+    ``io`` maps each layer's name to its (input, output) samples: tensors or arrays, anything ``np.asarray`` reads."""
+    import numpy as np
 
     n = len(io)
     cols = min(4, n)
@@ -82,9 +84,10 @@ def plot_norm_curves(io: dict[str, Any], fits: list[dict[str, Any]], path: str |
     fig = new_figure(figsize=(3.2 * cols, 2.8 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, ((name, (x, y)), fit) in zip(axes.flat, zip(io.items(), fits, strict=True), strict=False):
-        ax.scatter(x.numpy(), y.numpy(), s=1, alpha=0.3, color="tab:blue", rasterized=True)
-        grid = torch.linspace(float(x.min()), float(x.max()), 200)
-        ax.plot(grid.numpy(), (fit["scale"] * torch.tanh(fit["alpha"] * grid)).numpy(), color="tab:red", lw=1.2)
+        x, y = np.asarray(x), np.asarray(y)
+        ax.scatter(x, y, s=1, alpha=0.3, color="tab:blue", rasterized=True)
+        grid = np.linspace(float(x.min()), float(x.max()), 200, dtype=np.float32)
+        ax.plot(grid, fit["scale"] * np.tanh(fit["alpha"] * grid), color="tab:red", lw=1.2)
         ax.set_title(f"{name or 'model'}\nα={fit['alpha']:.3g}  R² tanh {fit['r2_tanh']:.3f} / line "
                      f"{fit['r2_linear']:.3f}", fontsize=7)
         ax.tick_params(labelsize=6)
@@ -209,11 +212,24 @@ def bench_figure(report: dict[str, Any], title: str = "") -> Any:
     fig.suptitle(title or f"ponder bench: {report['model']} via {report['via']}, {report['n_layers']} layers, "
                           f"seq {report['seq_len']}, concurrency {report['concurrency']}")
     if "text" in report:
-        from ponder.serve.bench import text_line
-
         fig.text(0.5, 0.01, text_line(report), ha="center", va="bottom", fontsize=8, wrap=True)
     fig.tight_layout(rect=(0, 0.035, 1, 1))
     return fig
+
+
+def text_line(report: dict[str, Any]) -> str:
+    """The line under a table or plot that says which text the perplexity is on, and how much of it was scored
+    (request i at batch size b sends sequences i*b .. i*b+b-1, so a short run scores only the first ones)."""
+    n = report["sequences"]
+    scored = {b: min(report["requests"] * b, n) for b in sorted({r["batch_size"] for r in report["rows"]})}
+    if all(count == n for count in scored.values()):
+        which = "all of them"
+    elif len(scored) == 1:
+        which = f"the first {next(iter(scored.values()))}"
+    else:
+        which = ", ".join(f"batch {b}: {'all' if c == n else f'the first {c}'}" for b, c in scored.items())
+    text = report.get("text", "the bench text")
+    return f"perplexity on: {text}, {n} sequences of {report['seq_len']} tokens ({which} scored)"
 
 
 def plot_bench(report: dict[str, Any], path: str | Path, title: str = "") -> Path:

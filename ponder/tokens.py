@@ -33,18 +33,18 @@ def tokenizer_spec(arg: str) -> tuple[dict[str, Any], str]:
     """``(tokenizer description, where it was found)`` of a checkpoint or run folder or an exported model: the
     checkpoint's config.json, or the config.json beside model.onnx, or the model's own metadata."""
     from ponder.checkpoint import CONFIG, read_config, resolve
-    from ponder.serve.bench import model_file
+    from ponder.model_repository import MODEL_FILE, config_paths, model_file
 
     path = Path(arg)
     if path.is_dir() and ((path / "latest").is_file()
-                          or ((path / CONFIG).is_file() and not (path / "model.onnx").is_file())):
+                          or ((path / CONFIG).is_file() and not (path / MODEL_FILE).is_file())):
         ckpt = resolve(path)
         return read_config(ckpt).get("tokenizer") or {"kind": "byte"}, str(ckpt / CONFIG)
     model = model_file(arg)
     if not model.exists():
         raise PonderError(f"{arg!r} does not exist: give an exported model (a model.onnx, a version or model folder) "
                           "or a checkpoint or run folder")
-    for candidate in (model.parent / "config.json", model.with_suffix(".json")):  # as ponder serve reads them
+    for candidate in config_paths(model):  # as ponder serve reads them
         if candidate.is_file():
             try:
                 spec = json.loads(candidate.read_text(encoding="utf-8")).get("tokenizer")
@@ -62,7 +62,7 @@ def tokenizer_spec(arg: str) -> tuple[dict[str, Any], str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ponder.data import tokenizer_from_json
+    from ponder.text import tokenizer_from_json
 
     spec, source = tokenizer_spec(args.model)
     tokenizer = tokenizer_from_json(spec)

@@ -1,8 +1,9 @@
 """Serving exported ponder models: the ONNX Runtime engine, the gRPC server and client, and `ponder bench`."""
 
-# The thresholds `ponder demo` and `ponder bench` measure by default (here, so that building the CLI's parsers stays
-# light: ponder.serve.bench imports numpy).
-DEFAULT_THRESHOLDS = (0.5, 0.8, 0.9, 0.95, 0.99, 1.0)
+# Re-exported from ponder.limits, where each is written once (cheap to import: building the CLI's parsers reads them):
+# DEFAULT_THRESHOLDS, the thresholds `ponder demo` and `ponder bench` measure; MAX_MESSAGE_MB, the largest
+# --max-message-mb (gRPC counts message sizes in a signed 32-bit number of bytes).
+from ponder.limits import BENCH_THRESHOLDS as DEFAULT_THRESHOLDS
+from ponder.limits import MAX_MESSAGE_MB
 
-# The largest --max-message-mb: gRPC keeps message limits in a signed 32-bit count of bytes.
-MAX_MESSAGE_MB = 2047
+__all__ = ["DEFAULT_THRESHOLDS", "MAX_MESSAGE_MB"]

@@ -33,8 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from ponder.errors import PonderError
-from ponder.serve import DEFAULT_THRESHOLDS
+from ponder.errors import ConfigError, PonderError
+from ponder.limits import BENCH_THRESHOLDS, THRESHOLD_RANGE, check_threshold
+from ponder.model_repository import Target as Target  # re-exported: which model a command names lives there now
+from ponder.model_repository import model_file as model_file
+from ponder.model_repository import resolve_target as resolve_target
+from ponder.model_repository import versions
+from ponder.plots import plot_bench
+from ponder.plots import text_line as text_line  # re-exported: the line under a bench table or plot lives there now
+from ponder.text import embedded_validation_text
 
 FULL_DEPTH = 1.0
 EMBEDDED_TEXT = "the embedded corpus' validation split (Python's pydoc documentation)"
@@ -42,65 +49,7 @@ EMBEDDED_TEXT = "the embedded corpus' validation split (Python's pydoc documenta
 
 # -- what to measure ------------------------------------------------------------------------------------------------
 
-@dataclass
-class Target:
-    """The model to measure: a name (its folder in a repository, or a name a server knows), and where it lies."""
-
-    name: str
-    path: Path | None = None        # the local model.onnx, when there is one
-    repository: Path | None = None  # its repository root, when laid out ROOT/NAME/VERSION/model.onnx
-    version: str = ""               # "" means the newest
-
-
-def versions_in(folder: Path) -> list[int]:
-    """The version numbers under a model folder that hold a model.onnx, oldest first."""
-    return sorted(int(d.name) for d in folder.iterdir()
-                  if d.is_dir() and d.name.isdigit() and (d / "model.onnx").is_file())
-
-
-def _from_file(path: Path) -> Target:
-    version, model = path.parent, path.parent.parent
-    if path.name == "model.onnx" and version.name.isdigit() and model != model.parent:
-        return Target(model.name, path, model.parent, version.name)
-    return Target(path.stem, path)
-
-
-def resolve_target(arg: str, model: str | None = None) -> Target:
-    """A model.onnx, a version folder, a model folder (its newest version), a repository (``model`` picks one of
-    its models when it holds several), or, when nothing by that name exists here, a model name on a server."""
-    path = Path(arg)
-    if not path.exists():
-        return Target(model or arg)
-    if path.is_file():
-        if path.suffix != ".onnx":
-            raise PonderError(f"{arg!r} is not an .onnx file; give a model.onnx, a model folder or a repository")
-        return _from_file(path)
-    if (path / "model.onnx").is_file():
-        return _from_file(path / "model.onnx")
-    if versions := versions_in(path):
-        return _from_file(path / str(versions[-1]) / "model.onnx")
-    root = path.resolve()
-    models = sorted(d.name for d in path.iterdir()  # not links out of the repository: the server skips those too
-                    if d.is_dir() and d.resolve().is_relative_to(root) and versions_in(d))
-    if not models:
-        raise PonderError(f"{arg!r} holds no exported model: expected model.onnx, VERSION/model.onnx or "
-                          "NAME/VERSION/model.onnx (as `ponder export --repository` writes)")
-    if model is None:
-        if len(models) > 1:
-            raise PonderError(f"repository {arg!r} holds {len(models)} models ({', '.join(models)}): name one, "
-                              f"e.g. {str(path / models[0])!r} (or --model {models[0]} where the command has it)")
-        model = models[0]
-    if model not in models:
-        raise PonderError(f"repository {arg!r} has no model {model!r}; it holds {', '.join(models)}")
-    return _from_file(path / model / str(versions_in(path / model)[-1]) / "model.onnx")
-
-
-def model_file(arg: str) -> Path:
-    """The model.onnx that ``arg`` names, found as :func:`resolve_target` finds it; ``arg`` itself when nothing by
-    that name exists (the caller reports it)."""
-    target = resolve_target(arg)
-    return Path(arg) if target.path is None else target.path
-
+versions_in = versions  # the versions of a model folder that hold a model file (its old name here)
 
 @dataclass
 class Sample:
@@ -242,7 +191,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> int:
 
 @dataclass
 class Settings:
-    thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+    thresholds: Sequence[float] = BENCH_THRESHOLDS
     batch_sizes: Sequence[int] = (1, 8)
     concurrency: int = 1
     requests: int = 50
@@ -254,8 +203,10 @@ class Settings:
 
     def check(self) -> None:
         for t in self.thresholds:
-            if not 0.0 < t <= 1.0 or t != t:
-                raise PonderError(f"--thresholds: {t!r} is outside (0, 1]")
+            try:
+                check_threshold(t, "--thresholds")
+            except ConfigError:
+                raise ConfigError(f"--thresholds: {t!r} is outside {THRESHOLD_RANGE}") from None
         if not self.thresholds:
             raise PonderError("--thresholds: give at least one")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -269,9 +220,7 @@ class Settings:
 
 def bench_text() -> str:
     """The default bench text: the validation part of the embedded corpus (what the demo model never trained on)."""
-    from ponder.data import embedded_corpus, split_text
-
-    return split_text(embedded_corpus())["valid"]
+    return embedded_validation_text()
 
 
 def sequences(runner: Any, text: str, seq_len: int, tokenizer: Any = None) -> np.ndarray:
@@ -450,25 +399,8 @@ def format_table(rows: list[dict[str, Any]], columns: Sequence[str] = BENCH_COLU
     return "\n".join(lines)
 
 
-def text_line(report: dict[str, Any]) -> str:
-    """The line under a table or plot that says which text the perplexity is on, and how much of it was scored
-    (request i at batch size b sends sequences i*b .. i*b+b-1, so a short run scores only the first ones)."""
-    n = report["sequences"]
-    scored = {b: min(report["requests"] * b, n) for b in sorted({r["batch_size"] for r in report["rows"]})}
-    if all(count == n for count in scored.values()):
-        which = "all of them"
-    elif len(scored) == 1:
-        which = f"the first {next(iter(scored.values()))}"
-    else:
-        which = ", ".join(f"batch {b}: {'all' if c == n else f'the first {c}'}" for b, c in scored.items())
-    text = report.get("text", "the bench text")
-    return f"perplexity on: {text}, {n} sequences of {report['seq_len']} tokens ({which} scored)"
-
-
 def write_report(report: dict[str, Any], out_dir: str | Path, stem: str = "bench", title: str = "") -> list[Path]:
     """``out_dir/STEM.json`` and ``out_dir/STEM.png``, each written beside and renamed into place."""
-    from ponder.plots import plot_bench
-
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

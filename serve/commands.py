@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ponder.errors import PonderError
-from ponder.serve import MAX_MESSAGE_MB
+from ponder.limits import BENCH_THRESHOLDS, MAX_MESSAGE_MB
 
 
 def whole_number(low: int, high: int | None = None, why: str = "") -> Any:
@@ -117,8 +117,6 @@ def add_parsers(commands: Any) -> None:
 
 
 def add_bench_parser(commands: Any) -> None:
-    from ponder.serve import DEFAULT_THRESHOLDS
-
     be = commands.add_parser(
         "bench", help="adaptive-depth latency per threshold: in process or through a gRPC server",
         description="Measure what early exit buys on an exported model: p50/p95/p99 latency, throughput, layers "
@@ -135,7 +133,7 @@ def add_bench_parser(commands: Any) -> None:
                          "is given, else inprocess)")
     be.add_argument("--address", help="HOST:PORT of a running server (implies --via grpc)")
     be.add_argument("--tls-ca", type=Path, metavar="F", help="connect to --address with TLS, trusting this PEM CA")
-    be.add_argument("--thresholds", "-t", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS), metavar="T",
+    be.add_argument("--thresholds", "-t", type=float, nargs="+", default=list(BENCH_THRESHOLDS), metavar="T",
                     help="act_threshold values in (0, 1] (default: %(default)s; 1.0 is always added)")
     be.add_argument("--batch-sizes", "-b", type=int, nargs="+", default=[1, 8], metavar="B",
                     help="sequences per request (default: 1 8)")

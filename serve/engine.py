@@ -1,6 +1,7 @@
 """The ONNX Runtime engine for exported ponder models: load, infer, generate, describe.
 
-No torch here: serving needs only onnxruntime, numpy and the model's files.
+No torch here: serving needs only onnxruntime, numpy and the model's files (the tokenizers come from the torch-free
+``ponder.text``, the session setup from ``ponder.onnx_runtime``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from typing import Any
 import numpy as np
 
 from ponder.errors import PonderError
+from ponder.limits import check_threshold
+from ponder.model_repository import config_paths
+from ponder.onnx_runtime import open_session
+from ponder.text import ByteTokenizer, tokenizer_from_json
 
 
 @dataclass
@@ -68,21 +73,13 @@ class Engine:
     def __init__(self, path: str | Path, threads: int | None = None, spinning: bool = True) -> None:
         """``threads``: ONNX Runtime's intra-op threads (default: its own choice). ``spinning=False`` stops those
         threads busy-waiting between runs, which frees the CPU for a server's own threads."""
-        import onnxruntime as ort
-
         self.path = Path(path)
         self.metadata = read_metadata(self.path)
         self.config = self._read_config()
         self.n_layers = int(self.metadata["n_layers"])
         self.max_seq_len = int(self.metadata["max_seq_len"])
         self.default_threshold = float(self.metadata["act_threshold"])
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        if not spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.session = open_session(self.path, threads, spinning=spinning)
         self.vocab_size = int(self.metadata["vocab_size"])
         self.tokenizer_spec = self.config.get("tokenizer") or self.metadata.get("tokenizer") or {"kind": "byte"}
         self.byte_level = self.tokenizer_spec.get("kind") == "byte"
@@ -90,13 +87,13 @@ class Engine:
 
     @property
     def tokenizer(self) -> Any:
-        """The model's tokenizer (built on first use: it needs torch, which serving byte-level models does not)."""
+        """The model's tokenizer (built on first use: a word vocabulary can be large)."""
         if self._tokenizer_cache is None:
             self._tokenizer_cache = self._tokenizer()
         return self._tokenizer_cache
 
     def _read_config(self) -> dict[str, Any]:
-        for candidate in (self.path.parent / "config.json", self.path.with_suffix(".json")):
+        for candidate in config_paths(self.path):
             if candidate.is_file():
                 try:
                     return json.loads(candidate.read_text())
@@ -105,8 +102,6 @@ class Engine:
         return {}
 
     def _tokenizer(self) -> Any:
-        from ponder.data import ByteTokenizer, tokenizer_from_json
-
         spec = self.tokenizer_spec
         if self.byte_level:
             return ByteTokenizer()
@@ -115,10 +110,8 @@ class Engine:
         return tokenizer_from_json(spec)
 
     def check_threshold(self, threshold: float | None) -> float:
-        value = self.default_threshold if threshold is None else float(threshold)
-        if not 0.0 < value <= 1.0 or value != value:
-            raise PonderError(f"act_threshold = {threshold!r} is outside (0, 1]")
-        return value
+        """``threshold`` (None: the model's default) as a float in (0, 1], or a ConfigError naming act_threshold."""
+        return check_threshold(self.default_threshold if threshold is None else threshold, "act_threshold")
 
     def infer(self, input_ids: np.ndarray, threshold: float | None = None) -> InferResult:
         """Run the model on ``input_ids`` ([batch, seq] int64) at ``threshold`` (default: the trained one)."""

@@ -1,27 +1,26 @@
 """A model repository laid out like Triton's: ``ROOT/NAME/VERSION/model.onnx``, every version loaded at start.
 
 Requests name models by key; nothing a request says becomes a path, so a name cannot reach outside ROOT. At scan
-time, a folder (or link) that resolves outside ROOT is skipped with a log line, and a model that fails to load is
-kept as UNAVAILABLE with its reason while the others serve.
+time, a folder whose name breaks the model name rule, or a folder (or link) that resolves outside ROOT, is skipped
+with a log line (the rules are ``ponder.model_repository``'s, which ``ponder export`` writes by), and a model that
+fails to load is kept as UNAVAILABLE with its reason while the others serve.
+
+Errors here are the domain's (NotFoundError, UnavailableError); the server maps them to gRPC status codes.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
-from ponder.errors import PonderError
+from ponder.errors import NotFoundError, PonderError, UnavailableError
+from ponder.model_repository import MODEL_FILE, inside, model_folders, parse_version, version_folders
 from ponder.serve.engine import Engine
-from ponder.serve.protocol import RequestError
 
 log = logging.getLogger("ponder.serve")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass
@@ -96,20 +95,14 @@ class Repository:
         self._scan()
 
     def _scan(self) -> None:
-        root = self.root.resolve()
-        for folder in sorted(self.root.iterdir()):
-            if not folder.is_dir() or folder.name.startswith("."):
-                continue
-            if not NAME.match(folder.name):
-                log.warning("skipping %s: a model name is letters, digits, '_', '.' and '-'", folder)
-                continue
-            if not folder.resolve().is_relative_to(root):
-                log.warning("skipping %s: it points outside the repository (%s)", folder, folder.resolve())
+        for folder, problem in model_folders(self.root):
+            if problem is not None:
+                log.warning("skipping %s: %s", folder, problem)
                 continue
             versions = {}
-            for vdir in sorted((p for p in folder.iterdir() if p.name.isdigit() and p.is_dir()), key=_number):
-                version = ModelVersion(folder.name, str(int(vdir.name)), vdir / "model.onnx")
-                if not version.path.resolve().is_relative_to(root):
+            for number, vdir in version_folders(folder):
+                version = ModelVersion(folder.name, str(number), vdir / MODEL_FILE)
+                if not inside(version.path, self.root):
                     version.error = "its model file points outside the repository"
                 else:
                     self._load(version)
@@ -117,7 +110,7 @@ class Repository:
             if versions:
                 self.models[folder.name] = versions
             else:
-                log.warning("skipping %s: no VERSION/model.onnx inside", folder)
+                log.warning("skipping %s: no VERSION/%s inside", folder, MODEL_FILE)
 
     def _load(self, version: ModelVersion) -> None:
         try:
@@ -132,33 +125,28 @@ class Repository:
         return [v for versions in self.models.values() for v in versions.values()]
 
     def versions(self, name: str, version: str = "") -> list[ModelVersion]:
-        """Every version of model ``name`` (or just ``version``), ready or not; NOT_FOUND when there is none."""
+        """Every version of model ``name`` (or just ``version``), ready or not; a NotFoundError when there is none."""
         versions = self.models.get(name)
         if versions is None:
             known = ", ".join(sorted(self.models)) or "none"
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model_name {name!r} is not in the repository "
-                                                          f"(models: {known})")
+            raise NotFoundError(f"model_name {name!r} is not in the repository (models: {known})")
         if not version:
             return list(versions.values())
-        found = versions.get(str(int(version)) if version.isdigit() else version)
+        number = parse_version(version)  # "007" asks for version 7
+        found = versions.get(str(number)) if number is not None else None
         if found is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model_version {version!r} of model {name!r} does not "
-                                                          f"exist (versions: {', '.join(versions)})")
+            raise NotFoundError(f"model_version {version!r} of model {name!r} does not exist "
+                                f"(versions: {', '.join(versions)})")
         return [found]
 
     def find(self, name: str, version: str = "") -> ModelVersion:
         """The model version a request names (newest ready one when ``version`` is empty).
 
-        NOT_FOUND for an unknown name or version, UNAVAILABLE for one that failed to load."""
+        A NotFoundError for an unknown name or version, an UnavailableError for one that failed to load."""
         candidates = self.versions(name, version)
         ready = [v for v in candidates if v.ready]
         found = ready[-1] if ready else candidates[-1]
         if not found.ready:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                               f"model {name!r} version {found.version} is not ready: it failed to load "
-                               f"({found.error})")
+            raise UnavailableError(f"model {name!r} version {found.version} is not ready: it failed to load "
+                                   f"({found.error})")
         return found
-
-
-def _number(path: Path) -> int:
-    return int(path.name)

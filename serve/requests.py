@@ -9,13 +9,14 @@ Two kinds of request, told apart by their input:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ponder.errors import ConfigError
+from ponder.limits import check_threshold
 from ponder.serve import inference_pb2 as pb
 from ponder.serve.engine import Engine
 from ponder.serve.protocol import add_output, decode_tensor, invalid, read_number, set_param
@@ -27,8 +28,9 @@ TEXT_OUTPUTS = ("text", "token_ids", "token_layers")
 
 
 @dataclass
-class Step:
-    """What one run of the model produced, for the response and the statistics."""
+class ModelRun:
+    """What one run of the model produced (a forward pass, a whole generation, or one generated token), for the
+    response and the statistics."""
 
     outputs: dict[str, np.ndarray]
     layers_executed: int
@@ -56,13 +58,13 @@ class Job:
     def generates(self) -> bool:
         return self.prompt is not None
 
-    def run(self) -> Step:
+    def run(self) -> ModelRun:
         """The whole request in one go (ModelInfer)."""
         if not self.generates:
             result = self.engine.infer(self.ids, self.threshold)
             outputs = {"logits": result.logits, "token_depth": result.token_depth.astype(np.int64)}
-            return Step(self._pick(outputs), result.layers_executed, result.mean_token_depth,
-                        result.compute_ms / 1e3, batch=int(self.ids.shape[0]))
+            return ModelRun(self._pick(outputs), result.layers_executed, result.mean_token_depth,
+                            result.compute_ms / 1e3, batch=int(self.ids.shape[0]))
         tokens, layers, depths, compute = [], [], [], 0.0
         for step in self.steps():
             tokens.append(int(step.outputs["token_ids"][0]))
@@ -71,18 +73,18 @@ class Job:
             compute += step.compute_s
         outputs = {"text": _bytes_array(bytes(tokens)), "token_ids": np.array(tokens, dtype=np.int64),
                    "token_layers": np.array(layers, dtype=np.int64)}
-        return Step(self._pick(outputs), sum(layers), float(np.mean(depths)), compute, executions=len(tokens),
-                    params={"tokens_generated": len(tokens)}, step_layers=layers)
+        return ModelRun(self._pick(outputs), sum(layers), float(np.mean(depths)), compute, executions=len(tokens),
+                        params={"tokens_generated": len(tokens)}, step_layers=layers)
 
-    def steps(self) -> Iterator[Step]:
+    def steps(self) -> Iterator[ModelRun]:
         """Generation one token at a time (ModelStreamInfer): each step's token, its layers and its latency."""
         assert self.prompt is not None
         for i, (token, result) in enumerate(self.engine.generate_steps(self.prompt, self.new_tokens, self.threshold)):
             outputs = {"text": _bytes_array(bytes([token])), "token_ids": np.array([token], dtype=np.int64),
                        "token_layers": np.array([result.layers_executed], dtype=np.int64)}
             last = i == self.new_tokens - 1
-            yield Step(self._pick(outputs), result.layers_executed, float(result.token_depth[0, -1]),
-                       result.compute_ms / 1e3, params={"token_index": i, "triton_final_response": last})
+            yield ModelRun(self._pick(outputs), result.layers_executed, float(result.token_depth[0, -1]),
+                           result.compute_ms / 1e3, params={"token_index": i, "triton_final_response": last})
 
     def _pick(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: v for k, v in outputs.items() if not self.wanted or k in self.wanted}
@@ -136,9 +138,10 @@ def _threshold(request: Any, engine: Engine) -> float:
     value = read_number(request.parameters, "act_threshold")
     if value is None:
         return engine.default_threshold
-    if not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise invalid(f"parameter 'act_threshold' = {value!r} is outside (0, 1]")
-    return float(value)
+    try:
+        return check_threshold(value, "parameter 'act_threshold'")
+    except ConfigError as exc:
+        raise invalid(str(exc)) from None
 
 
 def _check_ids(ids: np.ndarray, engine: Engine, field_name: str) -> None:
@@ -163,8 +166,8 @@ def _wanted(request: Any, known: tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
-def respond(request: Any, model_name: str, version: str, step: Step, *, queue_s: float, server_s: float) -> Any:
-    """The ModelInferResponse for one step: outputs as raw contents, ponder's figures as parameters."""
+def respond(request: Any, model_name: str, version: str, step: ModelRun, *, queue_s: float, server_s: float) -> Any:
+    """The ModelInferResponse for one model run: outputs as raw contents, ponder's figures as parameters."""
     response = pb.ModelInferResponse(model_name=model_name, model_version=version, id=request.id)
     for name, array in step.outputs.items():
         add_output(response, name, array)

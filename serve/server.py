@@ -6,6 +6,9 @@ it runs until SIGTERM or SIGINT, then drains in-flight requests within a grace p
 Under load: ``workers`` requests compute at once, up to ``max_queue`` more wait for a slot, and anything beyond
 is refused with RESOURCE_EXHAUSTED (gRPC's own concurrent-RPC limit sits just above, so memory stays bounded).
 A request whose deadline passes while it waits is dropped without being computed.
+
+Below this module errors are the domain's (ponder.errors); :func:`status_of` is the one place that turns an
+exception into the gRPC status a request answers with.
 """
 
 from __future__ import annotations
@@ -26,20 +29,42 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ponder import __version__
-from ponder.errors import PonderError
-from ponder.serve import MAX_MESSAGE_MB
+from ponder.errors import BadRequestError, ConfigError, NotFoundError, PonderError, UnavailableError
+from ponder.limits import MAX_MESSAGE_MB
 from ponder.serve import inference_pb2 as pb
 from ponder.serve import inference_pb2_grpc as pb_grpc
 from ponder.serve.listen import TLSFiles, check_address, check_port_free
 from ponder.serve.metrics import Metrics
 from ponder.serve.protocol import RequestError
 from ponder.serve.repository import ModelVersion, Repository, check_root
-from ponder.serve.requests import IDS_OUTPUTS, TEXT_OUTPUTS, Step, parse, respond
+from ponder.serve.requests import IDS_OUTPUTS, TEXT_OUTPUTS, ModelRun, parse, respond
 
 log = logging.getLogger("ponder.serve")
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSIONS = ["model_configuration", "statistics", "parameters", "streaming", "model_repository_index"]
 SPARE_THREADS = 8  # for cheap RPCs (health, metadata) beyond the inference capacity
+
+
+# The domain's errors and the status each answers with (the first that matches).
+DOMAIN_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (BadRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),  # a value out of range, e.g. a threshold
+)
+
+
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status (code, message) a request that raised ``exc`` answers with: a RequestError keeps its own
+    code, the domain's errors map by :data:`DOMAIN_STATUS`, anything else is INTERNAL (and logged with its
+    traceback): never a crash."""
+    if isinstance(exc, RequestError):
+        return exc.code, exc.message
+    for kind, code in DOMAIN_STATUS:
+        if isinstance(exc, kind):
+            return code, str(exc)
+    log.error("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
 class Admission:
@@ -114,19 +139,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def _call(self, context: grpc.ServicerContext, fn: Callable[[], Any]) -> Any:
-        """Run ``fn``; a RequestError becomes its status, anything else INTERNAL (logged), never a crash."""
+        """Run ``fn``; a failure aborts the call with :func:`status_of`'s status."""
         try:
             return fn()
-        except RequestError as exc:
-            context.abort(exc.code, exc.message)
         except Exception as exc:
-            log.exception("internal error")
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            context.abort(*status_of(exc))
 
     def _label(self, name: str) -> str:
         return name if name in self.repo.models else "(unknown)"  # unknown names must not grow the label set
 
-    def _count(self, name: str, status: str, seconds: float, steps: Sequence[Step] = ()) -> None:
+    def _count(self, name: str, status: str, seconds: float, steps: Sequence[ModelRun] = ()) -> None:
         label = self._label(name)
         self.metrics.requests.labels(label, status).inc()
         self.metrics.latency.labels(label).observe(seconds)
@@ -146,9 +168,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         def ready() -> Any:
             try:
                 self.repo.find(request.name, request.version)
-            except RequestError as exc:
-                if exc.code != grpc.StatusCode.UNAVAILABLE:
-                    raise
+            except UnavailableError:  # there, but it failed to load; an unknown model is NOT_FOUND
                 return pb.ModelReadyResponse(ready=False)
             return pb.ModelReadyResponse(ready=not self.admission.draining)
 
@@ -224,12 +244,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                             executions=step.executions)
             status = "OK"
             return response
-        except RequestError as exc:
-            status = exc.code.name
-            context.abort(exc.code, exc.message)
         except Exception as exc:
-            log.exception("internal error")
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            code, message = status_of(exc)
+            status = code.name
+            context.abort(code, message)
         finally:
             if mv is not None and status != "OK":
                 mv.stats.record(ok=False, total_s=time.perf_counter() - start)
@@ -245,17 +263,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 for response, step in self._stream_one(request, context, start):
                     steps.append(step)
                     yield pb.ModelStreamInferResponse(infer_response=response)
-            except RequestError as exc:
-                status = exc.code.name
-                yield pb.ModelStreamInferResponse(error_message=exc.message)
             except Exception as exc:
-                status = "INTERNAL"
-                log.exception("internal error in a stream")
-                yield pb.ModelStreamInferResponse(error_message=f"internal error: {type(exc).__name__}: {exc}")
+                code, message = status_of(exc)
+                status = code.name
+                yield pb.ModelStreamInferResponse(error_message=message)
             finally:
                 self._count(request.model_name, status, time.perf_counter() - start, steps)
 
-    def _stream_one(self, request: Any, context: grpc.ServicerContext, start: float) -> Iterator[tuple[Any, Step]]:
+    def _stream_one(self, request: Any, context: grpc.ServicerContext, start: float) -> Iterator[tuple[Any, ModelRun]]:
         mv = self.repo.find(request.model_name, request.model_version)
         job, input_s = _timed(parse, request, mv.engine)
         ok = False

@@ -50,6 +50,29 @@ def test_word_tokenizer_builds_by_frequency_with_unk_and_eos():
     assert again.vocab == tok.vocab
 
 
+def test_the_torch_free_tokenizers_give_the_same_ids_as_numpy():
+    """ponder.text's tokenizers (what serving reads text with) and ponder.data's (training's) are one: the same ids,
+    numpy in one, a LongTensor in the other; ponder.data re-exports the text helpers."""
+    import numpy as np
+
+    from ponder import data, text
+
+    words = text.WordTokenizer.build(SAMPLE["train"], max_vocab=12)
+    for spec in ({"kind": "byte"}, words.to_json()):
+        served, trained = text.tokenizer_from_json(spec), data.tokenizer_from_json(spec)
+        assert isinstance(trained, type(served)) and trained.to_json() == served.to_json()
+        for sample in ("The game began development in 2010 .\nIt was a hit", "", "héllo ∑"):
+            ids, tensor = served.encode(sample), trained.encode(sample)
+            assert isinstance(ids, np.ndarray) and ids.dtype == np.int64
+            assert tensor.dtype == torch.long and tensor.tolist() == ids.tolist()
+            assert served.decode(ids) == trained.decode(tensor)
+    assert isinstance(data.WordTokenizer.build("a b a"), data.WordTokenizer)
+    assert data.embedded_corpus is text.embedded_corpus and data.split_text is text.split_text
+    assert text.embedded_validation_text() == split_text(embedded_corpus())["valid"]
+    with pytest.raises(DataError, match="unknown tokenizer description"):
+        text.tokenizer_from_json({"kind": "sentencepiece"})
+
+
 def test_embedded_corpus_is_real_english_text():
     text = embedded_corpus()
     assert len(text) > 100_000 and "statement" in text
