@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ponder.data import TokenChunks, prepare_data
+from ponder.errors import DataError
 from ponder.model import PonderLM
 
 
@@ -26,6 +27,8 @@ def evaluate(model: PonderLM, chunks: TokenChunks, *, batch_size: int, max_batch
     n_batches = math.ceil(len(chunks) / batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
+    if n_batches < 1:
+        raise DataError(f"nothing to evaluate: {len(chunks)} sequences, at most {max_batches} batches")
     ce_sum = depth_sum = 0.0
     tokens = layers_sum = 0
     hist = torch.zeros(n_layers, dtype=torch.long)

@@ -46,11 +46,19 @@ class Trainer:
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains with DistributedDataParallel: ``train.batch_size`` is the
     global batch, each rank takes its share of every batch, and only rank 0 writes checkpoints, metrics and the
     progress bar. The loss the controllers see and the figures logged are averaged over ranks.
+
+    ``out_dir=None`` trains in memory: no checkpoints, no metrics file, no folder; ``save()`` and
+    ``metrics_path`` give None. ``corpus`` is data already prepared (a tokenizer and the ``train`` and ``valid``
+    token ids, e.g. from ``prepare_data``): it is used instead of reading ``run.data``, so that many trainings
+    (the tuner's) read their data once.
     """
 
-    def __init__(self, run: RunConfig | None, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-                 steps: int | None = None, device: str | None = None) -> None:
-        self.out_dir = Path(out_dir)
+    def __init__(self, run: RunConfig | None, out_dir: str | Path | None, *, resume: bool = False,
+                 progress: bool = True, steps: int | None = None, device: str | None = None,
+                 corpus: Corpus | None = None) -> None:
+        if out_dir is None and resume:
+            raise ConfigError("resuming needs the run's folder; a run trained in memory (out_dir=None) has none")
+        self.out_dir = None if out_dir is None else Path(out_dir)
         self.progress = progress
         state: dict[str, Any] | None = None
         self.notes: list[str] = []
@@ -68,7 +76,7 @@ class Trainer:
         else:
             if run is None:
                 raise ConfigError("no run config given")
-            if (self.out_dir / "latest").exists():
+            if self.out_dir is not None and (self.out_dir / "latest").exists():
                 raise ConfigError(f"{str(self.out_dir)!r} already holds a run; pass --resume to continue it, "
                                   "or choose another output folder")
             tokenizer = None
@@ -80,12 +88,15 @@ class Trainer:
         self.run = run
         self.dist, device_name = distributed.from_env(run.train.device)
         distributed.check_split(run.train.batch_size, self.dist.world_size)
-        if not resume and self.dist.is_main:  # before the data is read: a folder that cannot be made fails fast
+        if not resume and self.dist.is_main and self.out_dir is not None:  # before the data is read: fail fast
             problem = checkpoint.folder_problem(self.out_dir)
             if problem:
                 raise PonderError(f"cannot write the run into {str(self.out_dir)!r}: {str(problem[0])!r} {problem[1]}; "
                                   "choose another --out")
-        self.corpus: Corpus = prepare_data(run.data, tokenizer)
+        self.corpus: Corpus = prepare_data(run.data, tokenizer) if corpus is None else corpus
+        if {"train", "valid"} - set(self.corpus.splits):
+            raise ConfigError(f"the corpus given has splits {sorted(self.corpus.splits)}; training needs 'train' "
+                              "and 'valid'")
         t = run.train
         self.train_chunks = TokenChunks(self.corpus.splits["train"], t.seq_len)
         self.valid_chunks = TokenChunks(self.corpus.splits["valid"], t.seq_len)
@@ -144,7 +155,10 @@ class Trainer:
                     **({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {})},
         }
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Write a checkpoint of this step into ``out_dir``; in memory (``out_dir=None``) nothing, and None."""
+        if self.out_dir is None:
+            return None
         config = {"run": self.run.to_json(), "tokenizer": self.corpus.tokenizer.to_json(),
                   "vocab_size": self.corpus.tokenizer.vocab_size}
         return checkpoint.save_checkpoint(self.out_dir, self.step, config=config, model_state=self.model.state_dict(),
@@ -153,12 +167,13 @@ class Trainer:
     # -- metrics ---------------------------------------------------------------------------------------
 
     @property
-    def metrics_path(self) -> Path:
-        return self.out_dir / "metrics.jsonl"
+    def metrics_path(self) -> Path | None:
+        """``out_dir/metrics.jsonl``; None in memory (``out_dir=None``), where no record is written."""
+        return None if self.out_dir is None else self.out_dir / "metrics.jsonl"
 
     def _trim_metrics(self) -> None:
         """On resume, drop records past the checkpoint so the log reads as one run."""
-        if not self.dist.is_main or not self.metrics_path.exists():
+        if not self.dist.is_main or self.metrics_path is None or not self.metrics_path.exists():
             return
         kept = []
         for line in self.metrics_path.read_text().splitlines():
@@ -182,6 +197,8 @@ class Trainer:
         return out
 
     def _record(self, record: dict[str, Any]) -> None:
+        if self.metrics_path is None:  # in memory
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -215,7 +232,7 @@ class Trainer:
 
         t = self.run.train
         main = self.dist.is_main
-        if main:
+        if main and self.out_dir is not None:
             try:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:

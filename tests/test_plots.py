@@ -11,7 +11,7 @@ from matplotlib.colors import to_rgba
 
 from ponder.plots import alphas_figure, bench_figure, honest_range, line_styles, run_label
 from ponder.serve.bench import EMBEDDED_TEXT, text_line
-from ponder.tune_plots import heatmaps_figure, pareto_figure
+from ponder.tune.plots import heatmaps_figure, pareto_figure
 
 N_LAYERS = 6
 

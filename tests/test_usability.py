@@ -32,7 +32,7 @@ def tune_report(**extra):
 
 
 def test_tune_table_shows_mean_token_depth_and_the_models_shape():
-    from ponder.tune_cli import format_table
+    from ponder.tune import format_table
 
     lines = format_table(tune_report()).splitlines()
     header, columns, rows = lines[0], lines[1], lines[2:-1]
@@ -49,8 +49,7 @@ def test_tune_table_shows_mean_token_depth_and_the_models_shape():
 
 def test_a_real_tuning_reports_the_shape_and_data_the_table_prints(tmp_path):
     from ponder.data import embedded_corpus
-    from ponder.tune import run_act_hyperparameter_tuning
-    from ponder.tune_cli import format_table
+    from ponder.tune import format_table, run_act_hyperparameter_tuning
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(embedded_corpus()[:6000])

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ponder.plots import new_figure, save
+from ponder.tune.report import pareto_front
 
 
 def heatmaps_figure(results: list[dict[str, Any]], best: dict[str, float], score_name: str = "score") -> Any:
@@ -52,8 +53,6 @@ def plot_heatmaps(results: list[dict[str, Any]], best: dict[str, float], path: s
 def pareto_figure(results: list[dict[str, Any]], best: dict[str, float] | None, n_layers: int) -> Any:
     """Perplexity against avg layers executed for every result; the Pareto front (both minimised) drawn. The legend
     sits below the plot, where it hides no point."""
-    from ponder.tune import pareto_front
-
     fig = new_figure(figsize=(7, 5.4))
     ax = fig.subplots()
     layers = [r["avg_layers_executed"] for r in results]
