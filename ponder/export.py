@@ -11,9 +11,9 @@ the export is checked: ``onnx.checker`` with ``full_check``, and ONNX Runtime ag
 thresholds {0.5, 0.9, 0.99, 1.0} and, with compaction, at cutoffs {default, 0.0, 1.0} (logits
 within 1e-4, the same layer counts and token depths).
 
-DyT/ADyT layers are folded for inference: their per-channel scale and shift move into the next
-linear layer, so each costs a multiply and a tanh in the graph (ADyT's alpha is the one its
-frozen gradient norm gives, as in eval).
+Foldable norms (``ponder.contracts.norms.FoldableNorm``: DyT/ADyT, and any plugin's norm that declares it) are
+folded for inference: their per-channel scale and shift move into the next linear layer, so a DyT layer costs a
+multiply and a tanh in the graph (ADyT's alpha is the one its frozen gradient norm gives, as in eval).
 """
 from __future__ import annotations
 
@@ -28,58 +28,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ponder import __version__
+from ponder.contracts.norms import fold_into
 from ponder.errors import PonderError
+from ponder.limits import DEFAULT_OPSET, MIN_OPSET
 from ponder.model import COMPACTION_MODES, PonderLM
 
 CHECK_THRESHOLDS = (0.5, 0.9, 0.99, 1.0)
 LOGITS_TOLERANCE = 1e-4
-DEFAULT_OPSET = 18
-MIN_OPSET = 18  # the traced pieces use opset-18 operators (ReduceMax with its axes as an input, among others)
 
 
 class ExportError(PonderError):
     """The model could not be exported, or the exported graph disagrees with PyTorch."""
 
 
-class ScaledTanh(nn.Module):
-    """``tanh(alpha * x)``: what a DyT layer leaves in the graph once its affine is folded away."""
-
-    def __init__(self, alpha: float) -> None:
-        super().__init__()
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.tanh(self.alpha * x)
-
-
-def _fold_into(norm: nn.Module, linear: nn.Linear) -> tuple[nn.Module, nn.Linear]:
-    """``linear(w * tanh(a x) + b) == linear'(tanh(a x))`` with ``W' = W diag(w)``, ``c' = W b + c``."""
-    from ponder.plugins.norm.dyt import DynamicTanh
-
-    if not isinstance(norm, DynamicTanh) or not norm.channels_last or norm.weight.dim() != 1:
-        return norm, linear
-    with torch.no_grad():
-        weight = linear.weight * norm.weight[None, :]
-        bias = linear.bias.clone() if linear.bias is not None else torch.zeros(linear.out_features)
-        if norm.bias is not None:
-            bias = bias + linear.weight @ norm.bias
-        folded = nn.Linear(linear.in_features, linear.out_features, bias=True)
-        folded.weight.copy_(weight)
-        folded.bias.copy_(bias)
-        alpha = float(norm.current_alpha().reshape(()))
-    return ScaledTanh(alpha), folded
-
-
 def fold_norms(model: PonderLM) -> PonderLM:
-    """A copy of ``model`` with every DyT/ADyT affine folded into the linear layer it feeds."""
+    """A copy of ``model`` with the affine of every foldable norm (``ponder.contracts.norms.FoldableNorm``: DyT,
+    ADyT, and any third-party norm that declares it) folded into the linear layer the norm feeds."""
     model = copy.deepcopy(model).eval()
     for block in model.blocks:
-        block.norm_attn, block.attn.qkv = _fold_into(block.norm_attn, block.attn.qkv)
-        block.norm_ffn, block.mlp[0] = _fold_into(block.norm_ffn, block.mlp[0])
-    model.norm_final, model.head = _fold_into(model.norm_final, model.head)
+        block.norm_attn, block.attn.qkv = fold_into(block.norm_attn, block.attn.qkv)
+        block.norm_ffn, block.mlp[0] = fold_into(block.norm_ffn, block.mlp[0])
+    model.norm_final, model.head = fold_into(model.norm_final, model.head)
     return model
 
 
@@ -112,14 +84,9 @@ def _finish(path: Path, metadata: dict[str, Any]) -> None:
 def session(path: str | Path, threads: int | None = None, spin: bool = True) -> Any:
     """An ONNX Runtime session on the CPU for an exported model. ``spin=False`` stops its threads
     from busy-waiting after a call: needed to time several sessions interleaved fairly."""
-    import onnxruntime as ort
+    from ponder.onnx_runtime import open_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return open_session(path, threads or torch.get_num_threads(), spinning=spin)
 
 
 def check_parity(model: PonderLM, path: Path, samples: list[Tensor], thresholds: tuple[float, ...] = CHECK_THRESHOLDS,
@@ -296,6 +263,16 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
     Triton's: ``repository/name/version/model.onnx`` with a ``config.json`` beside it."""
     from ponder.checkpoint import load_model, resolve
     from ponder.data import prepare_data
+    from ponder.model_repository import (
+        CONFIG_FILE,
+        MODEL_FILE,
+        STAGING_PREFIX,
+        check_model_name,
+        check_version,
+        lone_config_path,
+        next_version,
+        version_folder,
+    )
 
     if (output is None) == (repository is None):
         raise ExportError("give either an output file (-o FILE) or --repository ROOT --name NAME")
@@ -303,6 +280,10 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
     check_opset(opset)
     if output is not None:
         check_output(output)
+    else:  # the rules `ponder serve` reads the repository by: a name it would skip is refused here
+        check_model_name(name, "--name")
+        if version is not None:
+            version = check_version(version, "--version")
     ckpt = resolve(checkpoint)
     model, tokenizer, run = load_model(ckpt)
     try:
@@ -317,31 +298,26 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
         report = export_model(model, output, metadata=metadata, opset=opset, check=check, fold=fold, samples=samples,
                               compaction=compaction)
         if tokenizer_json["kind"] != "byte":
-            config_path = Path(output).with_suffix(".json")
+            config_path = lone_config_path(output)
             config_path.write_text(json.dumps(_serving_config(model, tokenizer_json, name=Path(output).stem), indent=1))
         return report
-    if not name or "/" in name or name.startswith("."):
-        raise ExportError(f"--name must be a plain folder name, got {name!r}")
     root = Path(repository) / name
     _writable(root)
     if version is None:
-        existing = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
-        version = max(existing, default=0) + 1
-    if version < 1:
-        raise ExportError(f"--version must be >= 1, got {version}")
-    final = root / str(version)
+        version = next_version(root)
+    final = version_folder(repository, name, version)
     if final.exists():
         raise ExportError(f"{str(final)!r} already exists: choose another --version")
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{version}-"))
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f"{STAGING_PREFIX}{version}-"))
     try:
-        report = export_model(model, staging / "model.onnx", metadata=metadata, opset=opset, check=check, fold=fold,
+        report = export_model(model, staging / MODEL_FILE, metadata=metadata, opset=opset, check=check, fold=fold,
                               samples=samples, compaction=compaction)
         config = _serving_config(model, tokenizer_json, name=name, version=version)
-        (staging / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
         os.replace(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    report.path = final / "model.onnx"
+    report.path = final / MODEL_FILE
     return report
 
 

@@ -10,6 +10,9 @@ lives in one place)::
 when the module imports torch, so that ``ponder plugins list`` and ``--help`` stay fast.
 ``description`` is one line (default: the first line of the factory's docstring);
 ``defaults`` overrides the factory's own keyword defaults.
+
+What each factory must return is a contract of ponder's core, in ``ponder.contracts`` (halting, norms,
+controllers); docs/plugins.md walks through one plugin of each kind.
 """
 
 from __future__ import annotations
@@ -43,8 +46,11 @@ def register_norms(register: Register) -> None:
 
     Factory: ``factory(num_features, *, position="attn", **settings) -> nn.Module``.
     ``position`` is where the norm sits (``attn``, ``ffn``, ``final``, or ``conv`` for
-    channels-first features), so per-position settings are possible. The module must be
-    pure tensor maths so that it exports to ONNX.
+    channels-first features, see ``ponder.contracts.norms.ChannelsFirst``), so per-position
+    settings are possible. The module must be pure tensor maths so that it exports to ONNX.
+    Optional capabilities (``ponder.contracts.norms``): ``split_affine()`` (``FoldableNorm``:
+    export folds the affine into the next linear layer), ``training_controller = "name"``
+    (``NeedsController``: the trainer adds that controller), ``metrics()`` (logged).
     """
 
 
@@ -53,7 +59,8 @@ def register_optimizers(register: Register) -> None:
     """Register optimizers.
 
     Factory: ``factory(params, **settings) -> torch.optim.Optimizer`` over parameters or
-    parameter groups, with a faithful ``state_dict()``.
+    parameter groups, with a faithful ``state_dict()`` (a resumed run continues from it);
+    ``metrics() -> dict``, if defined, is logged by the trainer.
     """
 
 
@@ -61,15 +68,13 @@ def register_optimizers(register: Register) -> None:
 def register_controllers(register: Register) -> None:
     """Register training-time controllers.
 
-    Factory: ``factory(**settings) -> controller``. The trainer calls whichever of the
-    controller's methods ``on_train_start(event)``, ``after_backward(event)`` (before the
-    optimizer step), ``after_step(event)`` and ``after_eval(event)`` exist, in the order the
-    config lists the controllers; ``event`` (``ponder.train.TrainingEvent``) carries the step,
-    the total steps, the loss, the model's ``dials``, the optimizer, and ``log(line)``. A
-    controller turns dials through ``event.dials`` (never by reaching into modules), and has
-    ``state_dict()``/``load_state_dict()`` (JSON-able values and tensors) so that a resumed run
-    continues with its state. ``sets_lr = True`` on a controller turns the trainer's own
-    learning-rate warm-up off.
+    Factory: ``factory(**settings) -> ponder.contracts.controllers.Controller``. The trainer and
+    the Hugging Face callback call its events ``on_train_start``, ``after_backward`` (before the
+    optimizer step), ``after_step`` and ``after_eval`` with a ``TrainingEvent`` (step, total
+    steps, loss, the model's ``dials``, the optimizer, ``log(line)``), in the order the config
+    lists the controllers. A controller turns dials through ``event.dials``, keeps its state in
+    ``state_dict()``/``load_state_dict()``, and declares ``sets_lr = True`` if it owns the
+    learning rate. Subclass ``Controller``: every event you leave out does nothing.
     """
 
 
@@ -77,7 +82,8 @@ def register_controllers(register: Register) -> None:
 def register_halting(register: Register) -> None:
     """Register halting rules for adaptive depth.
 
-    Factory: ``factory(d_model, n_layers, **settings) -> nn.Module`` with a per-layer
-    step that is pure tensor maths (it also runs inside the exported ONNX loop) and its
-    loss term (ponder cost, KL, ...).
+    Factory: ``factory(d_model, n_layers, **settings) -> ponder.contracts.halting.HaltingRule``:
+    ``init_state(x)``, a per-layer ``step(state, s, layer, threshold)`` that is pure tensor maths
+    (it also runs inside the exported ONNX loop), ``loss(state)`` (ponder cost, KL, ...) and
+    ``per_layer_task_loss``. Subclassing ``HaltingRule`` gives the shared step: define ``mass``.
     """

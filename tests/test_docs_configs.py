@@ -19,11 +19,12 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def shown_configs() -> list[tuple[str, str]]:
-    """(where, TOML text) for each run config in the README and docs; the plugin example's pyproject is not one."""
+    """(where, TOML text) for each run config in the README and docs; a plugin's pyproject (its [project] tables)
+    is not one."""
     configs = []
     for page in PAGES:
         for number, block in enumerate(re.findall(r"```toml\n(.*?)```", page.read_text(), re.S), 1):
-            if block.startswith("# ponder-hello/"):
+            if re.search(r"^\[project\b", block, re.M):
                 continue
             alternatives = re.split(r"^# or\b.*\n", block, flags=re.M)
             for letter, text in zip("abcdefgh", alternatives, strict=False):
