@@ -55,3 +55,26 @@ def test_a_wrong_arrow_is_caught(tmp_path, module, line, contract):
     result = _lint(tree)
     assert result.returncode != 0
     assert contract in result.stdout and "BROKEN" in result.stdout
+
+
+def test_every_package_folder_is_in_the_distribution():
+    """A package folder that pyproject's list leaves out is there in a checkout and missing from a wheel."""
+    from ponder.config import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    tree = _assembled_names()
+    assert tree == listed, f"in the tree, not listed: {sorted(tree - listed)}; listed, not in the tree: " \
+                           f"{sorted(listed - tree)}"
+
+
+def _assembled_names() -> set[str]:
+    names = set()
+    for top, prefix in (("ponder", "ponder"), *((name, f"ponder.{name}") for name in SUBPACKAGES)):
+        for init in (ROOT / top).rglob("__init__.py"):
+            if "__pycache__" not in init.parts:
+                parts = init.parent.relative_to(ROOT / top).parts
+                names.add(".".join((prefix, *parts)))
+    presets = ROOT / "ponder" / "presets"
+    if presets.is_dir():  # data-only package (its TOML files), no __init__.py needed
+        names.add("ponder.presets")
+    return names
