@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ponder import __version__
+from ponder.generation import add_sampling_arguments, sampling_from_args
 from ponder.limits import DEFAULT_OPSET, THRESHOLD_RANGE
 
 Handler = Callable[[argparse.Namespace], int]
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--compaction", choices=["auto", "on", "off"], default="auto",
                     help="run each layer on its running tokens only: 'auto' (default) where that is faster, chosen "
                          "per layer in the graph; 'on' always; 'off' the dense layer loop")
+    ex.add_argument("--no-decode", action="store_true",
+                    help="write the scoring graph only, without decode.onnx (generation through a KV cache)")
     ex.add_argument("--skip-check", action="store_true",
                     help="write without comparing ONNX Runtime against PyTorch (not recommended)")
     ex.set_defaults(handler=_export)
@@ -152,14 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print JSON")
     ins.set_defaults(handler=_inspect)
 
-    rn = commands.add_parser("run", help="run an exported model on text with ONNX Runtime",
-                             description="Run an exported model in-process with ONNX Runtime: greedy next tokens "
-                                         "after --text, with the layers executed and the latency of each step.")
+    rn = commands.add_parser("run", help="generate from an exported model with ONNX Runtime",
+                             description="Generate in-process with ONNX Runtime through the model's KV cache "
+                                         "(decode.onnx): the next tokens after --text, with each token's depth and "
+                                         "latency. Greedy unless --temperature is above 0.")
     rn.add_argument("model", help="a model.onnx written by ponder export, or a version or model folder")
     rn.add_argument("--text", required=True, help="the prompt")
     rn.add_argument("--threshold", "-t", type=float,
                     help=f"act_threshold in {THRESHOLD_RANGE} (default: the trained one)")
-    rn.add_argument("--tokens", type=int, default=32, help="how many tokens to generate (default: 32)")
+    add_sampling_arguments(rn, "--tokens")
     rn.set_defaults(handler=_run)
 
     add_tokenize_parser(commands)
@@ -191,12 +195,18 @@ def _export(args: argparse.Namespace) -> int:
     print(f"exporting {args.checkpoint} (checking against PyTorch: {not args.skip_check})...", file=sys.stderr)
     report = export_checkpoint(args.checkpoint, args.output, repository=args.repository, name=args.name,
                                version=args.version, opset=args.opset, check=not args.skip_check,
-                               fold=not args.no_fold, compaction=args.compaction)
-    if report.checks:
-        worst = max(c["max_logit_diff"] for c in report.checks)
-        layers = sorted({(c["threshold"], c["layers_executed"]) for c in report.checks})
-        print(f"checked {len(report.checks)} runs against PyTorch: max logit difference {worst:.2e}, layers "
+                               fold=not args.no_fold, compaction=args.compaction, decode=not args.no_decode)
+    scoring = [c for c in report.checks if c.get("graph") != "decode"]
+    decoding = [c for c in report.checks if c.get("graph") == "decode"]
+    if scoring:
+        worst = max(c["max_logit_diff"] for c in scoring)
+        layers = sorted({(c["threshold"], c["layers_executed"]) for c in scoring})
+        print(f"checked {len(scoring)} runs against PyTorch: max logit difference {worst:.2e}, layers "
               f"executed per threshold {layers}")
+    if decoding:
+        worst = max(c["max_logit_diff"] for c in decoding)
+        print(f"checked {len(decoding)} decode steps through the KV cache against PyTorch: max logit difference "
+              f"{worst:.2e}")
     print(f"wrote {report.path} (opset {report.opset}, {report.seconds:.1f} s)")
     return 0
 
@@ -224,17 +234,18 @@ def _run(args: argparse.Namespace) -> int:
     from ponder.model_repository import model_file
     from ponder.serve.engine import Engine
 
-    if args.tokens < 1:
-        raise _usage_error(f"--tokens must be >= 1, got {args.tokens}")
+    sampling = sampling_from_args(args)
     engine = Engine(model_file(args.model))
     threshold = engine.check_threshold(args.threshold)
-    out = engine.generate(args.text, args.tokens, threshold)
+    out = engine.generate(args.text, sampling, threshold)
     steps = out["steps"]
-    layers = [s["layers_executed"] for s in steps]
-    ms = sorted(s["compute_ms"] for s in steps)
+    depths = [s["token_depth"] for s in steps]
+    first, rest = steps[0]["compute_ms"], sorted(s["compute_ms"] for s in steps[1:])
     print(f"{args.text}\u2192{out['text']}")
-    print(f"threshold {threshold:g}: layers executed per token {layers} (mean {sum(layers) / len(layers):.2f} of "
-          f"{engine.n_layers}); latency p50 {ms[len(ms) // 2]:.2f} ms, total {sum(ms):.1f} ms")
+    print(f"threshold {threshold:g}: {len(steps)} tokens ({out['finish_reason']}); depth per token {depths} (mean "
+          f"{sum(depths) / len(depths):.2f} of {engine.n_layers}); first token {first:.2f} ms"
+          + (f", then p50 {rest[len(rest) // 2]:.2f} ms per token ({1e3 * len(rest) / sum(rest):.0f} tokens/s)"
+             if rest else ""))
     return 0
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ponder.errors import PonderError
+from ponder.generation import SamplingParams
 from ponder.limits import BENCH_THRESHOLDS
 from ponder.model_repository import STAGING_PREFIX, check_model_name, is_version_folder, model_path, versions
 
@@ -146,7 +147,8 @@ def _export(o: DemoOptions, ckpt: Path, say: Callable[[str], None]) -> str:
         for v in reversed(versions(folder)):
             path = model_path(o.repository, o.name, v)
             meta = read_metadata(path)
-            if meta.get("source_weights_sha256") == digest and meta.get("compaction") == "auto":
+            if (meta.get("source_weights_sha256") == digest and meta.get("compaction") == "auto"
+                    and meta.get("decode_graph")):
                 say(f"[2/4] reusing {path}, exported from these very weights")
                 return str(v)
     say(f"[2/4] exporting {ckpt} to ONNX with early exit inside the graph, checked against PyTorch "
@@ -171,7 +173,7 @@ def _serve_and_measure(o: DemoOptions, ckpt: Path, version: str, say: Callable[[
         runner = Remote(address, o.name, version)
         try:
             results = measure(runner, runner.n_layers, rows, settings, o.progress)
-            samples = [_sample(runner, o, t) for t in sorted({min(o.thresholds), 1.0})]
+            samples = [_sample(runner, o, t) for t in sorted({*o.thresholds, 1.0})]
         finally:
             runner.close()
     say(f"      stopped the server (pid {proc.pid}): exit status {proc.returncode}")
@@ -202,13 +204,14 @@ def _sample(runner: Remote, o: DemoOptions, threshold: float) -> dict[str, Any]:
     from ponder.serve.client import ServerError
 
     try:
-        reply = runner.client.generate_once(o.name, o.prompt, max_new_tokens=o.tokens, threshold=threshold,
-                                            version=runner.version)
-    except ServerError as exc:  # a word-level model takes token ids only
+        reply = runner.client.generate_once(o.name, o.prompt, sampling=SamplingParams(max_tokens=o.tokens),
+                                            threshold=threshold, version=runner.version)
+    except ServerError as exc:
         return {"threshold": threshold, "skipped": str(exc)}
-    layers = [int(x) for x in reply.outputs["token_layers"]]
-    return {"threshold": threshold, "prompt": o.prompt, "text": bytes(reply.outputs["text"][0]).decode("utf-8",
-            "replace"), "token_layers": layers, "round_trip_ms": reply.round_trip_ms}
+    depths = [int(x) for x in reply.outputs["token_depth"]]
+    return {"threshold": threshold, "prompt": o.prompt, "text": bytes(reply.outputs["text_output"][0]).decode(
+            "utf-8", "replace"), "token_depth": depths, "round_trip_ms": reply.round_trip_ms,
+            "tokens_per_s": len(depths) / max(reply.params["total_compute_ms"] / 1e3, 1e-9)}
 
 
 @contextlib.contextmanager
@@ -251,11 +254,19 @@ def _print_summary(report: dict[str, Any], say: Callable[[str], None]) -> None:
         say(f"At threshold {low['threshold']:g} a request runs {low['layers_executed']:.2f} of {report['n_layers']} "
             f"layers (its tokens {low['mean_token_depth']:.2f} on average) and answers {low['speedup']:.2f}x as fast "
             f"as full depth, at perplexity {low['perplexity']:.3f} against {full['perplexity']:.3f}.")
+    made = [s for s in report["samples"] if "text" in s]
+    if made:
+        say("")
+        say(f"generation through the KV cache (decode.onnx), greedy, {len(made[0]['token_depth'])} tokens after "
+            f"{made[0]['prompt']!r}:")
+        say(f"{'threshold':>9} {'depth':>6} {'tokens/s':>9}  text")
+        for s in made:
+            depths = s["token_depth"]
+            say(f"{s['threshold']:>9g} {sum(depths) / len(depths):>6.2f} {s['tokens_per_s']:>9.0f}  {s['text']!r}")
+        say("depth: layers per generated token (mean); tokens/s: the server's compute for the whole generation")
     for s in report["samples"]:
-        if "text" in s:
-            layers = s["token_layers"]
-            say(f"threshold {s['threshold']:g}: {s['prompt']!r} -> {s['text']!r} (layers per token: mean "
-                f"{sum(layers) / len(layers):.2f}, min {min(layers)}, max {max(layers)})")
+        if "skipped" in s:
+            say(f"threshold {s['threshold']:g}: no generation: {s['skipped']}")
 
 
 # -- the command line -------------------------------------------------------------------------------------------

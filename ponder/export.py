@@ -124,6 +124,47 @@ def check_parity(model: PonderLM, path: Path, samples: list[Tensor], thresholds:
     return checks
 
 
+def check_decode(model: PonderLM, path: Path, samples: list[Tensor],
+                 thresholds: tuple[float, ...] = CHECK_THRESHOLDS) -> list[dict[str, Any]]:
+    """The decode graph at ``path`` against ``ponder.decode.decode_step``: a prefill of each sample's first half,
+    then one token per step through the cache (every row at once), at each threshold. Raises ExportError on a
+    mismatch of logits (beyond LOGITS_TOLERANCE), token depths or layers executed."""
+    import numpy as np
+
+    from ponder.decode import decode_step
+    from ponder.graph import cache_names
+
+    sess = session(path)
+    names = [o.name for o in sess.get_outputs()]
+    past_names, present_names = cache_names(model.cfg.n_layers)
+    cfg = model.cfg
+    checks = []
+    for ids in samples:
+        b, t = ids.shape
+        cut = max(1, t // 2)
+        for threshold in thresholds:
+            past = None
+            cache = {n: np.zeros((b, cfg.n_heads, 0, cfg.d_model // cfg.n_heads), np.float32) for n in past_names}
+            for start, end in [(0, cut), *((i, i + 1) for i in range(cut, min(t, cut + 3)))]:
+                new = ids[:, start:end]
+                ref = decode_step(model, new, past, threshold=threshold)
+                past = ref.present
+                feed = {"input_ids": new.numpy(), "attention_mask": np.ones((b, end), np.int64),
+                        "act_threshold": np.array(threshold, dtype=np.float32), **cache}
+                out = dict(zip(names, sess.run(None, feed), strict=True))
+                cache = {p: out[q] for p, q in zip(past_names, present_names, strict=True)}
+                diff = float(np.abs(out["logits"] - ref.logits.numpy()).max())
+                check = {"graph": "decode", "shape": list(new.shape), "past": start, "threshold": threshold,
+                         "max_logit_diff": diff, "layers_executed": int(out["layers_executed"]),
+                         "torch_layers_executed": ref.layers_executed,
+                         "depth_equal": bool((out["token_depth"] == ref.depth.numpy()).all())}
+                checks.append(check)
+                if (diff > LOGITS_TOLERANCE or check["layers_executed"] != ref.layers_executed
+                        or not check["depth_equal"]):
+                    raise ExportError(f"the decode graph disagrees with PyTorch ({_describe(model)}): {check}")
+    return checks
+
+
 def sample_inputs(model: PonderLM, corpus_ids: Tensor | None = None) -> list[Tensor]:
     """Check inputs: real text when there is some (so tokens halt at different depths), two shapes."""
     t = min(model.cfg.max_seq_len, 48)
@@ -179,15 +220,20 @@ def compaction_cutoff(model: PonderLM, compaction: str) -> float | None:
 
 def export_model(model: PonderLM, path: str | Path, *, metadata: dict[str, Any] | None = None,
                  opset: int = DEFAULT_OPSET, check: bool = True, fold: bool = True, unrolled: bool = False,
-                 samples: list[Tensor] | None = None, compaction: str = "auto") -> ExportReport:
+                 samples: list[Tensor] | None = None, compaction: str = "auto", decode: bool = True) -> ExportReport:
     """Export ``model`` to ``path`` (checked, then moved into place: no partial file on failure).
 
     ``compaction`` "on" or "auto" adds the compacted layer step (running tokens only) and the
-    optional input ``compaction_cutoff`` (default 1.0 for "on", the measured cutoff for "auto")."""
+    optional input ``compaction_cutoff`` (default 1.0 for "on", the measured cutoff for "auto").
+    ``decode`` also writes the decode graph (generation through a KV cache, ``ponder.graph.build_decode``)
+    beside it (``ponder.model_repository.decode_path``), checked against ``ponder.decode.decode_step``."""
+    from ponder.model_repository import decode_path
+
     started = time.perf_counter()
     path = Path(path)
     model = model.cpu().eval()
     compaction = "off" if unrolled else compaction
+    decode = decode and not unrolled  # the unrolled graph is a benchmark's baseline, not a model to serve
     cutoff = compaction_cutoff(model, compaction)
     check_opset(opset)
     check_output(path)
@@ -201,15 +247,25 @@ def export_model(model: PonderLM, path: str | Path, *, metadata: dict[str, Any] 
 
             folded = fold_norms(model) if fold else copy.deepcopy(model).eval()
             onnx.save(build(folded, compaction, cutoff, opset, unrolled=unrolled), str(staged))
+            if decode:
+                from ponder.graph import build_decode
+
+                onnx.save(build_decode(folded, opset), str(decode_path(staged)))
         except Exception as exc:  # the exporter's own errors are long; keep the cause, name the plugins
             summary = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"could not export the model ({_describe(model)}): {type(exc).__name__}: "
                               f"{summary[:300]}") from exc
         compaction_meta = {"compaction": compaction, "compaction_cutoff": "" if cutoff is None else str(cutoff)}
-        _finish(staged, {**_metadata(model), **compaction_meta, **(metadata or {})})
+        decode_meta = {"decode_graph": decode_path(path).name} if decode else {}
+        _finish(staged, {**_metadata(model), **compaction_meta, **decode_meta, **(metadata or {})})
+        samples = samples or sample_inputs(model)
         cutoffs = (None,) if cutoff is None else tuple(dict.fromkeys((cutoff, 0.0, 1.0)))
-        checks = check_parity(model, staged, samples or sample_inputs(model), cutoffs=cutoffs) \
-            if check and not unrolled else []
+        checks = check_parity(model, staged, samples, cutoffs=cutoffs) if check and not unrolled else []
+        if decode:
+            _finish(decode_path(staged), {**_metadata(model), "graph": "decode", **(metadata or {})})
+            if check:
+                checks += check_decode(model, decode_path(staged), samples)
+            os.replace(decode_path(staged), decode_path(path))
         os.replace(staged, path)
     return ExportReport(path, opset, checks, time.perf_counter() - started)
 
@@ -258,7 +314,8 @@ def weights_digest(ckpt: Path) -> str:
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, *, repository: str | Path | None = None,
                       name: str | None = None, version: int | None = None, opset: int = DEFAULT_OPSET,
-                      check: bool = True, fold: bool = True, compaction: str = "auto") -> ExportReport:
+                      check: bool = True, fold: bool = True, compaction: str = "auto",
+                      decode: bool = True) -> ExportReport:
     """Export a checkpoint to a lone file (``output``) or into a model repository laid out like
     Triton's: ``repository/name/version/model.onnx`` with a ``config.json`` beside it."""
     from ponder.checkpoint import load_model, resolve
@@ -296,7 +353,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
                 "source_checkpoint": str(ckpt), "source_weights_sha256": weights_digest(ckpt)}
     if output is not None:
         report = export_model(model, output, metadata=metadata, opset=opset, check=check, fold=fold, samples=samples,
-                              compaction=compaction)
+                              compaction=compaction, decode=decode)
         if tokenizer_json["kind"] != "byte":
             config_path = lone_config_path(output)
             config_path.write_text(json.dumps(_serving_config(model, tokenizer_json, name=Path(output).stem), indent=1))
@@ -311,7 +368,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f"{STAGING_PREFIX}{version}-"))
     try:
         report = export_model(model, staging / MODEL_FILE, metadata=metadata, opset=opset, check=check, fold=fold,
-                              samples=samples, compaction=compaction)
+                              samples=samples, compaction=compaction, decode=decode)
         config = _serving_config(model, tokenizer_json, name=name, version=version)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
         os.replace(staging, final)

@@ -58,6 +58,12 @@ class SamplingParams:
             raise ConfigError(f"stop = {list(self.stop)!r} must be non-empty strings")
         return self
 
+    def to_json(self) -> str:
+        """The JSON object ``from_json`` reads (what a client sends as ``sampling_parameters``)."""
+        data = {k: getattr(self, k) for k in SAMPLING_KEYS}
+        data["stop"] = list(self.stop)
+        return json.dumps({k: v for k, v in data.items() if v is not None})
+
     @classmethod
     def from_json(cls, data: Any, cap: int = MAX_TOKENS_CAP) -> SamplingParams:
         """Parameters from a JSON object (text, or the decoded dict). Numbers may come as strings, as Triton's
@@ -231,3 +237,28 @@ def generate(step: Callable[[list[int], Any], Step], prompt: Sequence[int], para
             feed, past = [token], out.past
         else:  # the context is full: prefill its last tokens again
             feed, past, held = context[-kept_tokens(max_seq_len):], None, 0
+
+
+# -- the command line (ponder run, ponder client generate) --------------------------------------------------------
+
+def add_sampling_arguments(parser: Any, *aliases: str, default_tokens: int = 32) -> None:
+    """The sampling flags; ``aliases`` are older names of ``--max-tokens``."""
+    parser.add_argument("--max-tokens", *aliases, dest="max_tokens", type=int, default=default_tokens, metavar="N",
+                        help=f"tokens to generate, at most {MAX_TOKENS_CAP} (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 (the default) is greedy: the most likely token")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="sample among the most likely tokens whose probability reaches p (default: 1.0, all)")
+    parser.add_argument("--seed", type=int, help="the same seed gives the same text")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop before this text (repeat for several)")
+
+
+def sampling_from_args(args: Any) -> SamplingParams:
+    """The flags of :func:`add_sampling_arguments` as checked SamplingParams (a ConfigError names a bad one)."""
+    try:
+        return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              stop=tuple(args.stop), max_tokens=args.max_tokens).check()
+    except ConfigError as exc:
+        raise ConfigError(f"--{str(exc).replace('_', '-')}") from None

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ponder.contracts.halting import HaltState
+from ponder.decode import KV, cached_layer, decode_tables, fill_layer
 from ponder.model import PonderLM, Rows, attention_mask, compacted_step, rope_tables
 
 STATE = ("halted", "cum", "depth", "output", "hidden", "layers")
@@ -292,4 +293,154 @@ def build(model: PonderLM, compaction: str, cutoff: float | None, opset: int, un
     graph = helper.make_graph(b.nodes, "ponder", inputs, outputs, list(b.initializers.values()))
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="ponder")
     proto.ir_version = 10  # what ONNX Runtime 1.2x reads; the exporter writes the same
+    return proto
+
+
+# -- the decode graph: generation through a KV cache (ponder.decode) ------------------------------------------------
+
+class DecodePrologue(nn.Module):
+    def __init__(self, model: PonderLM, window: int) -> None:
+        super().__init__()
+        self.model, self.window = model, window
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, ...]:
+        m, cfg = self.model, self.model.cfg
+        cos, sin, mask = decode_tables(attention_mask, input_ids.shape[1], cfg.d_model // cfg.n_heads,
+                                       m.dials.value("rope_base"), cfg.n_heads, cfg.n_local_heads, self.window)
+        st = m.halting.init_state(m.embed(input_ids))
+        return st.halted, st.cum, st.depth, st.output, st.hidden, torch.zeros((), dtype=torch.int64), cos, sin, mask
+
+
+class _CachedStep(nn.Module):
+    def __init__(self, model: PonderLM, block: nn.Module) -> None:
+        super().__init__()
+        self.block, self.halting = block, model.halting
+
+    def forward(self, halted, cum, depth, output, hidden, layers, cos, sin, mask, act_threshold, layer, past_key,
+                past_value):
+        state = HaltState(halted, cum, depth, output, hidden, cum, cum)
+        new, kv = cached_layer(self.block, self.halting, state, layer, act_threshold, cos, sin, mask,
+                               KV(past_key, past_value))
+        return new.halted, new.cum, new.depth, new.output, new.hidden, layers + 1, kv.key, kv.value
+
+
+class _Fill(nn.Module):
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden, cos, sin, past_key, past_value):
+        return tuple(fill_layer(self.block, hidden, cos, sin, KV(past_key, past_value)))
+
+
+class _Weighted(nn.Module):
+    """``step`` with its block's parameters and buffers as trailing arguments, so one trace serves every layer."""
+
+    def __init__(self, step: nn.Module, block: nn.Module, n_inputs: int) -> None:
+        super().__init__()
+        self.step, self.n_inputs = step, n_inputs
+        self.keys = [f"block.{name}" for name, _ in tensors_of(block)]
+
+    def forward(self, *args):
+        inputs, weights = args[: self.n_inputs], args[self.n_inputs:]
+        return torch.func.functional_call(self.step, dict(zip(self.keys, weights, strict=True)), inputs)
+
+
+def cache_names(n_layers: int) -> tuple[list[str], list[str]]:
+    """The decode graph's cache inputs and outputs, named as ONNX Runtime GenAI names them."""
+    past = [f"past_key_values.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
+    return past, present
+
+
+def build_decode(model: PonderLM, opset: int) -> Any:
+    """The decode graph of ``model`` (folded already, in eval): one step of ``ponder.decode.decode_step``.
+
+    Inputs ``input_ids [batch, seq]`` (the new tokens), ``attention_mask [batch, total]`` (total = past + seq),
+    ``past_key_values.{i}.key|value [batch, heads, past, head_dim]``, ``act_threshold`` (optional). Outputs
+    ``logits [batch, seq, vocab]``, ``present.{i}.key|value [batch, heads, total, head_dim]``, ``token_depth``
+    and ``layers_executed``. Layer 0 always runs; each later layer is an ``If``: the full step while some new
+    token runs, else the key/value fill of the frozen states."""
+    from onnx import TensorProto, helper
+
+    cfg = model.cfg
+    window = model.dials["attn_window"].as_int()
+    auto = torch.export.Dim.AUTO
+    head_dim = cfg.d_model // cfg.n_heads
+    b_, t_, p_ = 2, 3, 4  # example sizes (not 0 or 1, which the tracer would fix)
+    ids = torch.zeros((b_, t_), dtype=torch.int64)
+    mask_in = torch.ones((b_, p_ + t_), dtype=torch.int64)
+    with torch.no_grad():
+        pro_out = tuple(x.clone() for x in DecodePrologue(model, window)(ids, mask_in))
+    prologue = _trace(DecodePrologue(model, window), (ids, mask_in), ["input_ids", "attention_mask"],
+                      [*STATE, *TABLES], {"input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto}},
+                      opset)
+    template = model.blocks[0]
+    weights = tuple(t.detach() for _, t in tensors_of(template))
+    weight_names = [f"w{k}" for k in range(len(weights))]
+    past = torch.zeros((b_, cfg.n_heads, p_, head_dim))
+    cache = {0: auto, 2: auto}
+    state_shapes = [{0: auto, 1: auto}] * 5 + [None]
+    table_shapes = [{0: auto, 2: auto}, {0: auto, 2: auto}, {0: auto, 2: auto, 3: auto}]
+    step_names = [*STATE, *TABLES, "act_threshold", "layer", "past_key", "past_value"]
+    # distinct tensors for the keys and the values: the tracer merges inputs that are one tensor
+    step_args = (*pro_out, torch.tensor(0.9), torch.tensor(1, dtype=torch.int64), past, past.clone(), *weights)
+    step = _trace(_Weighted(_CachedStep(model, template), template, len(step_names)), step_args,
+                  step_names + weight_names, [f"next_{s}" for s in STATE] + ["key", "value"],
+                  [tuple(state_shapes + table_shapes + [None, None, cache, cache] + [None] * len(weights))], opset)
+    fill_names = ["hidden", "cos", "sin", "past_key", "past_value"]
+    fill = _trace(_Weighted(_Fill(template), template, len(fill_names)),
+                  (pro_out[4], pro_out[6], pro_out[7], past, past.clone(), *weights), fill_names + weight_names,
+                  ["key", "value"], [tuple([state_shapes[0], *table_shapes[:2], cache, cache] + [None] * len(weights))],
+                  opset)
+    running = _trace(Running(), (pro_out[0],), ["halted"], ["running"], {"halted": {0: auto, 1: auto}}, opset)
+    epilogue = _trace(Epilogue(model), (pro_out[3], pro_out[2]), ["output", "depth"], ["logits", "token_depth"],
+                      {"output": {0: auto, 1: auto}, "depth": {0: auto, 1: auto}}, opset)
+
+    b = _Builder()
+    out = b.inline(prologue, "prologue", {"input_ids": "input_ids", "attention_mask": "attention_mask"}, "prologue")
+    state, tables = out[:6], dict(zip(TABLES, out[6:], strict=True))
+    past_names, present_names = cache_names(cfg.n_layers)
+    types = [o.type for o in step.output]
+    for i, block in enumerate(model.blocks):
+        bound = {name: b.constant(f"layer{i}/{n}", t.detach().numpy()) for name, (n, t) in
+                 zip(weight_names, tensors_of(block), strict=True)}
+        bound.update(dict(zip(STATE, state, strict=True)), **tables, act_threshold="act_threshold",
+                     layer=b.constant(f"layer{i}/index", np.array(i, dtype=np.int64)),
+                     past_key=past_names[2 * i], past_value=past_names[2 * i + 1])
+        if i == 0:  # the first layer always runs its full step
+            new = b.inline(step, "step", bound, "layer0")
+        else:
+            full = b.branch(step, "step", bound, f"layer{i}/step", types)
+            fill_nodes, kv = b.copy(fill, "fill", {k: bound[k] for k in [*fill_names, *weight_names]},
+                                    f"layer{i}/fill")
+            kept = [f"layer{i}/fill/keep/{s}" for s in STATE]
+            fill_nodes += [helper.make_node("Identity", [name], [k]) for name, k in zip(state, kept, strict=True)]
+            fill_graph = helper.make_graph(fill_nodes, f"layer{i}/fill", [],
+                                           [_typed(n, t) for n, t in zip([*kept, *kv], types, strict=True)])
+            new = [f"layer{i}/out/{s}" for s in [*STATE, "key", "value"]]
+            (running_now,) = b.inline(running, "running", {"halted": state[0]}, f"layer{i}/running")
+            b.nodes.append(helper.make_node("If", [running_now], new, name=f"layer{i}/if-running",
+                                            then_branch=full, else_branch=fill_graph))
+        state = new[:6]
+        b.nodes += [helper.make_node("Identity", [new[6]], [present_names[2 * i]]),
+                    helper.make_node("Identity", [new[7]], [present_names[2 * i + 1]])]
+    logits, depth = b.inline(epilogue, "epilogue", {"output": state[3], "depth": state[2]}, "epilogue")
+    b.nodes += [helper.make_node("Identity", [logits], ["logits"]),
+                helper.make_node("Identity", [state[5]], ["layers_executed"]),
+                helper.make_node("Identity", [depth], ["token_depth"])]
+    cache_in = ["batch", cfg.n_heads, "past", head_dim]
+    cache_out = ["batch", cfg.n_heads, "total", head_dim]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+              *(helper.make_tensor_value_info(name, TensorProto.FLOAT, cache_in) for name in past_names),
+              helper.make_tensor_value_info("act_threshold", TensorProto.FLOAT, [])]
+    b.constant("act_threshold", np.array(model.dials.value("act_threshold"), dtype=np.float32))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size]),
+               *(helper.make_tensor_value_info(name, TensorProto.FLOAT, cache_out) for name in present_names),
+               helper.make_tensor_value_info("token_depth", TensorProto.INT64, ["batch", "seq"]),
+               helper.make_tensor_value_info("layers_executed", TensorProto.INT64, [])]
+    graph = helper.make_graph(b.nodes, "ponder-decode", inputs, outputs, list(b.initializers.values()))
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="ponder")
+    proto.ir_version = 10
     return proto

@@ -19,6 +19,7 @@ from ponder.errors import ConfigError, NotFoundError, PonderError
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"  # beside the model file: the tokenizer and the serving defaults
+DECODE_FILE = "decode.onnx"  # beside model.onnx: the decode graph (generation through a KV cache)
 STAGING_PREFIX = ".tmp-"  # a version being written: NAME/.tmp-VERSION-XXXX, renamed to NAME/VERSION when complete
 
 # A model's name is its folder's name, and it also appears in request URLs and metric labels, so it is kept to
@@ -126,6 +127,13 @@ def model_path(root: str | Path, name: str, version: int | str | None = None) ->
 def lone_config_path(model: str | Path) -> Path:
     """Where the serving config of a model file outside a repository lies: ``MODEL.json`` beside ``MODEL.onnx``."""
     return Path(model).with_suffix(".json")
+
+
+def decode_path(model: str | Path) -> Path:
+    """Where the decode graph of a model file lies: ``decode.onnx`` beside ``model.onnx`` (in a repository),
+    ``MODEL.decode.onnx`` beside any other ``MODEL.onnx``."""
+    model = Path(model)
+    return model.with_name(DECODE_FILE if model.name == MODEL_FILE else f"{model.stem}.decode.onnx")
 
 
 def config_paths(model: str | Path) -> tuple[Path, Path]:

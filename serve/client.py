@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 
 from ponder.errors import PonderError
+from ponder.generation import SamplingParams
 from ponder.serve import inference_pb2 as pb
 from ponder.serve import inference_pb2_grpc as pb_grpc
 from ponder.serve.protocol import output_arrays, param_value, set_param
@@ -143,15 +144,15 @@ class Client:
             set_param(request.parameters, "act_threshold", float(threshold))
         return self._reply(request)
 
-    def generate_once(self, model: str, text: str, *, max_new_tokens: int = 16, threshold: float | None = None,
-                      version: str = "") -> Reply:
-        """Greedy generation in one call (ModelInfer with a ``text`` input)."""
-        return self._reply(self._text_request(model, text, max_new_tokens, threshold, version))
+    def generate_once(self, model: str, text: str, *, sampling: SamplingParams | None = None,
+                      threshold: float | None = None, version: str = "") -> Reply:
+        """Generation in one call (ModelInfer with ``text_input``): the new text only."""
+        return self._reply(self._text_request(model, text, sampling, threshold, version, stream=False))
 
-    def generate(self, model: str, text: str, *, max_new_tokens: int = 16, threshold: float | None = None,
-                 version: str = "") -> Iterator[Reply]:
-        """Greedy generation over ModelStreamInfer: one reply per token, as the server produces it."""
-        request = self._text_request(model, text, max_new_tokens, threshold, version)
+    def generate(self, model: str, text: str, *, sampling: SamplingParams | None = None,
+                 threshold: float | None = None, version: str = "") -> Iterator[Reply]:
+        """Generation over ModelStreamInfer with ``stream``: one reply per token, as the server produces it."""
+        request = self._text_request(model, text, sampling, threshold, version, stream=True)
         last = time.perf_counter()
         try:
             for item in self.stub.ModelStreamInfer(iter([request]), timeout=self.timeout):
@@ -165,12 +166,18 @@ class Client:
         except grpc.RpcError as exc:
             raise self._error(exc) from None
 
-    def _text_request(self, model: str, text: str, max_new_tokens: int, threshold: float | None,
-                      version: str) -> Any:
+    @staticmethod
+    def _text_request(model: str, text: str, sampling: SamplingParams | None, threshold: float | None,
+                      version: str, *, stream: bool) -> Any:
+        """A generation request as Triton's LLM clients send it."""
         request = pb.ModelInferRequest(model_name=model, model_version=version)
-        request.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
+        request.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
             text.encode("utf-8"))
-        set_param(request.parameters, "max_new_tokens", int(max_new_tokens))
+        request.inputs.add(name="stream", datatype="BOOL", shape=[1]).contents.bool_contents.append(stream)
+        request.inputs.add(name="exclude_input_in_output", datatype="BOOL", shape=[1]).contents.bool_contents.append(
+            True)
+        request.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
+            (sampling or SamplingParams()).to_json().encode())
         if threshold is not None:
             set_param(request.parameters, "act_threshold", float(threshold))
         return request

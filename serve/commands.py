@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ponder.errors import PonderError
+from ponder.generation import add_sampling_arguments, sampling_from_args
 from ponder.limits import BENCH_THRESHOLDS, MAX_MESSAGE_MB
 
 
@@ -105,10 +106,12 @@ def add_parsers(commands: Any) -> None:
     inf.set_defaults(handler=_infer)
 
     ge = actions.add_parser("generate", help="stream generated text, one token per response",
-                            description="Greedy generation over ModelStreamInfer: prints each token as it arrives "
-                                        "with its layers executed and latency, then a summary.")
+                            description="Generation through the model's KV cache over ModelStreamInfer (inputs "
+                                        "text_input, stream, sampling_parameters, as Triton's LLM backends take "
+                                        "them): prints each token as it arrives with its depth, layers executed and "
+                                        "latency, then a summary. Greedy unless --temperature is above 0.")
     ge.add_argument("text", help="the prompt")
-    ge.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default: 32)")
+    add_sampling_arguments(ge, "--max-new-tokens")
     _model_flags(ge)
     ge.set_defaults(handler=_generate)
     cl.set_defaults(handler=lambda args: _usage(cl))
@@ -285,8 +288,7 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 1:
-        raise PonderError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    sampling = sampling_from_args(args)
     if not args.text:
         raise PonderError("the prompt is empty")
     with _client(args) as client:
@@ -294,22 +296,27 @@ def _generate(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"{model}: {args.text!r} ->", flush=True)
         tokens: list[dict[str, Any]] = []
-        for reply in client.generate(model, args.text, max_new_tokens=args.max_new_tokens, threshold=args.threshold,
+        final: dict[str, Any] = {}
+        for reply in client.generate(model, args.text, sampling=sampling, threshold=args.threshold,
                                      version=args.model_version):
-            data = bytes(reply.outputs["text"][0])
+            data = bytes(reply.outputs["text_output"][0])
             tokens.append({"token_id": int(reply.outputs["token_ids"][0]), "text": data.decode("utf-8", "replace"),
+                           "bytes": data, "token_depth": int(reply.outputs["token_depth"][0]),
                            "layers_executed": reply.layers_executed, "compute_ms": reply.params["compute_ms"],
                            "server_ms": reply.params["server_ms"], "arrival_ms": reply.round_trip_ms})
+            final = reply.params
             if not args.json:
                 t = tokens[-1]
-                print(f"  {t['text']!r:8} layers {t['layers_executed']:2d}  compute {t['compute_ms']:6.2f} ms  "
-                      f"arrived after {t['arrival_ms']:6.2f} ms", flush=True)
-    text = bytes(t["token_id"] for t in tokens).decode("utf-8", "replace")  # text input: byte-level models only
-    layers = [t["layers_executed"] for t in tokens]
+                print(f"  {t['text']!r:8} depth {t['token_depth']:2d}  layers {t['layers_executed']:2d}  compute "
+                      f"{t['compute_ms']:6.2f} ms  arrived after {t['arrival_ms']:6.2f} ms", flush=True)
+    text = b"".join(t.pop("bytes") for t in tokens).decode("utf-8", "replace")
+    depths = [t["token_depth"] for t in tokens]
+    reason = final.get("finish_reason", "length")
     if args.json:
-        print(json.dumps({"model": model, "prompt": args.text, "text": text, "tokens": tokens}, indent=2))
+        print(json.dumps({"model": model, "prompt": args.text, "text": text, "finish_reason": reason,
+                          "tokens": tokens}, indent=2))
         return 0
     print(f"{args.text}\u2192{text}")
-    print(f"{len(tokens)} tokens; layers executed per token: mean {sum(layers) / len(layers):.2f}, "
-          f"min {min(layers)}, max {max(layers)}")
+    print(f"{len(tokens)} tokens ({reason}); depth per token: mean {sum(depths) / len(depths):.2f}, min "
+          f"{min(depths)}, max {max(depths)}")
     return 0

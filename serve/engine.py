@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ponder.errors import PonderError
+from ponder.generation import SamplingParams, Step, Token, check_prompt, generate, text_bytes
 from ponder.limits import check_threshold
 from ponder.model_repository import config_paths
 from ponder.onnx_runtime import open_session
@@ -84,6 +85,19 @@ class Engine:
         self.tokenizer_spec = self.config.get("tokenizer") or self.metadata.get("tokenizer") or {"kind": "byte"}
         self.byte_level = self.tokenizer_spec.get("kind") == "byte"
         self._tokenizer_cache: Any = None
+        self.decode_session = self._open_decode(threads, spinning)
+        if self.decode_session is not None:
+            names = [o.name for o in self.decode_session.get_outputs()]
+            self._past_names = [i.name for i in self.decode_session.get_inputs()
+                                if i.name.startswith("past_key_values.")]
+            presents = [n.replace("past_key_values.", "present.") for n in self._past_names]
+            missing = {"logits", "token_depth", "layers_executed", *presents} - set(names)
+            if missing:
+                raise PonderError(f"the decode graph of {str(self.path)!r} lacks the outputs {sorted(missing)}")
+            self._decode_outputs = ["logits", "token_depth", "layers_executed", *presents]
+            heads_dim = self.metadata["model"]
+            self._empty = np.zeros((1, heads_dim["n_heads"], 0, heads_dim["d_model"] // heads_dim["n_heads"]),
+                                   dtype=np.float32)
 
     @property
     def tokenizer(self) -> Any:
@@ -126,30 +140,57 @@ class Engine:
         logits, layers, depth = self.session.run(None, feed)
         return InferResult(logits, int(layers), depth, (time.perf_counter() - start) * 1e3)
 
-    def generate(self, text: str, tokens: int = 32, threshold: float | None = None) -> dict[str, Any]:
-        """Greedy next tokens after ``text``, with layers executed and latency per step."""
-        ids = [int(i) for i in self.tokenizer.encode(text)]
-        if not ids:
-            raise PonderError("--text is empty")
-        new, steps = [], []
-        for token, result in self.generate_steps(ids, tokens, threshold):
-            new.append(token)
-            steps.append({"layers_executed": result.layers_executed,
-                          "last_token_depth": int(result.token_depth[0, -1]), "compute_ms": result.compute_ms})
-        return {"text": self.tokenizer.decode(new), "token_ids": new, "steps": steps}
+    # -- generation through the decode graph (decode.onnx) -----------------------------------------------------
 
-    def generate_steps(self, ids: list[int], tokens: int, threshold: float | None = None
-                       ) -> Iterator[tuple[int, InferResult]]:
-        """Greedy decoding, one step at a time: yields (next token id, that step's result).
+    @property
+    def can_generate(self) -> bool:
+        return self.decode_session is not None
 
-        The context is the last ``max_seq_len`` tokens; a one-token prompt is padded by repeating it,
-        since the exported graph takes sequences of two or more."""
-        ids = list(ids)
-        for _ in range(tokens):
-            window = ids[-self.max_seq_len:]
-            if len(window) < 2:
-                window = [window[0]] * (2 - len(window)) + window
-            result = self.infer(np.array([window], dtype=np.int64), threshold)
-            token = int(result.logits[0, -1].argmax())
-            ids.append(token)
-            yield token, result
+    def _open_decode(self, threads: int | None, spinning: bool) -> Any:
+        """The decode graph's session, or None for a model exported without one. Its file is named in the model's
+        metadata and lies beside it (a name with a folder in it is not followed)."""
+        name = self.metadata.get("decode_graph")
+        if not (isinstance(name, str) and name and Path(name).name == name and (self.path.parent / name).is_file()):
+            return None
+        return open_session(self.path.parent / name, threads, spinning=spinning)
+
+    def check_generation(self) -> None:
+        """A PonderError unless this model can generate (it was exported with its decode graph)."""
+        if not self.can_generate:
+            raise PonderError(f"{str(self.path)!r} was exported without its decode graph (decode.onnx), which "
+                              "generation runs on; export the checkpoint again with ponder 0.1 or later (without "
+                              "--no-decode)")
+
+    def decode_step(self, new_ids: list[int], past: list[np.ndarray] | None, threshold: float) -> Step:
+        """One step of the decode graph for one sequence: the new tokens after ``past`` (None: an empty cache)."""
+        n_past = 0 if past is None else past[0].shape[2]
+        feed = {"input_ids": np.asarray([new_ids], dtype=np.int64),
+                "attention_mask": np.ones((1, n_past + len(new_ids)), dtype=np.int64),
+                "act_threshold": np.asarray(threshold, dtype=np.float32)}
+        feed.update(zip(self._past_names, past if past is not None else [self._empty] * len(self._past_names),
+                        strict=True))
+        start = time.perf_counter()
+        out = self.decode_session.run(self._decode_outputs, feed)
+        seconds = time.perf_counter() - start
+        logits, depth, layers = out[0], out[1], out[2]
+        return Step(logits[0, -1], out[3:], int(depth[0, -1]), int(layers), seconds)
+
+    def generate_tokens(self, prompt: list[int], params: SamplingParams | None = None,
+                        threshold: float | None = None) -> Iterator[Token]:
+        """Generate after ``prompt`` (token ids) through the KV cache: each token with its depth and cost."""
+        self.check_generation()
+        params = (params or SamplingParams()).check()
+        check_prompt(prompt, self.max_seq_len, self.vocab_size)
+        threshold = self.check_threshold(threshold)
+        return generate(lambda ids, past: self.decode_step(ids, past, threshold), list(prompt), params,
+                        self.max_seq_len, text_bytes(self.tokenizer))
+
+    def generate(self, text: str, params: SamplingParams | None = None,
+                 threshold: float | None = None) -> dict[str, Any]:
+        """Generate after ``text``: the new text, token ids, and per step its layers, depth and latency."""
+        tokens = list(self.generate_tokens([int(i) for i in self.tokenizer.encode(text)], params, threshold))
+        steps = [{"layers_executed": t.layers_executed, "token_depth": t.depth, "compute_ms": t.compute_s * 1e3,
+                  "prefill": t.prefill} for t in tokens]
+        return {"text": b"".join(t.text for t in tokens).decode("utf-8", "replace"),
+                "token_ids": [t.token_id for t in tokens], "steps": steps,
+                "finish_reason": tokens[-1].finish_reason if tokens else None}

@@ -1,10 +1,13 @@
 """One inference request: checked against the model (every refusal names its field), run, answered.
 
-Two kinds of request, told apart by their input:
+Two kinds of request, told apart by their inputs:
 - ``input_ids`` (INT64 [batch, seq]): one forward pass; outputs ``logits`` and ``token_depth``.
-- ``text`` (BYTES, one element; byte-level models only): greedy generation of ``max_new_tokens`` tokens; outputs
-  ``text`` (the new bytes), ``token_ids`` and ``token_layers`` (layers executed at each step). Streamed, it answers
-  once per generated token.
+- ``text_input`` (BYTES, one UTF-8 string), as Triton's LLM backends take it, with the optional ``stream`` (BOOL),
+  ``sampling_parameters`` (BYTES: a JSON object of ``ponder.generation.SAMPLING_KEYS``) and
+  ``exclude_input_in_output`` (BOOL): generation through the model's decode graph (its KV cache). Outputs
+  ``text_output`` and ponder's ``token_ids`` and ``token_depth``. With ``stream`` true over ModelStreamInfer it
+  answers once per token (the new text only), the last response marked ``triton_final_response``; otherwise once,
+  with the prompt before the new text unless ``exclude_input_in_output``.
 """
 
 from __future__ import annotations
@@ -15,16 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from ponder.errors import ConfigError
+from ponder.errors import ConfigError, PonderError
+from ponder.generation import SamplingParams, Token, check_prompt
 from ponder.limits import check_threshold
 from ponder.serve import inference_pb2 as pb
 from ponder.serve.engine import Engine
 from ponder.serve.protocol import add_output, decode_tensor, invalid, read_number, set_param
 
-DEFAULT_NEW_TOKENS = 16
-MAX_NEW_TOKENS = 1024
 IDS_OUTPUTS = ("logits", "token_depth")
-TEXT_OUTPUTS = ("text", "token_ids", "token_layers")
+TEXT_OUTPUTS = ("text_output", "token_ids", "token_depth")
+# the generation request's inputs and their datatypes (text_input required, the rest optional)
+TEXT_INPUTS = {"text_input": "BYTES", "stream": "BOOL", "sampling_parameters": "BYTES",
+               "exclude_input_in_output": "BOOL"}
 
 
 @dataclass
@@ -51,40 +56,62 @@ class Job:
     threshold: float
     ids: np.ndarray | None = None  # [batch, seq] for a forward pass
     prompt: list[int] | None = None  # token ids for generation
-    new_tokens: int = DEFAULT_NEW_TOKENS
+    prompt_text: bytes = b""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stream: bool = False
+    exclude_input: bool = False
     wanted: tuple[str, ...] = ()
 
     @property
     def generates(self) -> bool:
         return self.prompt is not None
 
+    @property
+    def streams(self) -> bool:
+        return self.generates and self.stream
+
     def run(self) -> ModelRun:
-        """The whole request in one go (ModelInfer)."""
+        """The whole request in one go (ModelInfer, or a stream request without ``stream``)."""
         if not self.generates:
             result = self.engine.infer(self.ids, self.threshold)
             outputs = {"logits": result.logits, "token_depth": result.token_depth.astype(np.int64)}
             return ModelRun(self._pick(outputs), result.layers_executed, result.mean_token_depth,
                             result.compute_ms / 1e3, batch=int(self.ids.shape[0]))
-        tokens, layers, depths, compute = [], [], [], 0.0
-        for step in self.steps():
-            tokens.append(int(step.outputs["token_ids"][0]))
-            layers.append(step.layers_executed)
-            depths.append(step.mean_token_depth)
-            compute += step.compute_s
-        outputs = {"text": _bytes_array(bytes(tokens)), "token_ids": np.array(tokens, dtype=np.int64),
-                   "token_layers": np.array(layers, dtype=np.int64)}
-        return ModelRun(self._pick(outputs), sum(layers), float(np.mean(depths)), compute, executions=len(tokens),
-                        params={"tokens_generated": len(tokens)}, step_layers=layers)
+        tokens = list(self._tokens())
+        text = b"".join(t.text for t in tokens)
+        layers = [t.layers_executed for t in tokens]
+        outputs = {"text_output": _bytes_array(text if self.exclude_input else self.prompt_text + text),
+                   "token_ids": np.array([t.token_id for t in tokens], dtype=np.int64),
+                   "token_depth": np.array([t.depth for t in tokens], dtype=np.int64)}
+        return ModelRun(self._pick(outputs), max(layers), float(np.mean([t.depth for t in tokens])),
+                        sum(t.compute_s for t in tokens), executions=len(tokens), step_layers=layers,
+                        params={**self._totals(tokens), "triton_final_response": True})
 
     def steps(self) -> Iterator[ModelRun]:
-        """Generation one token at a time (ModelStreamInfer): each step's token, its layers and its latency."""
+        """Generation one token at a time (ModelStreamInfer with ``stream``): each token's new text, depth,
+        layers and latency; the final response also the totals."""
         assert self.prompt is not None
-        for i, (token, result) in enumerate(self.engine.generate_steps(self.prompt, self.new_tokens, self.threshold)):
-            outputs = {"text": _bytes_array(bytes([token])), "token_ids": np.array([token], dtype=np.int64),
-                       "token_layers": np.array([result.layers_executed], dtype=np.int64)}
-            last = i == self.new_tokens - 1
-            yield ModelRun(self._pick(outputs), result.layers_executed, float(result.token_depth[0, -1]),
-                           result.compute_ms / 1e3, params={"token_index": i, "triton_final_response": last})
+        done = []
+        for token in self._tokens():
+            done.append(token)
+            outputs = {"text_output": _bytes_array(token.text), "token_ids": np.array([token.token_id], np.int64),
+                       "token_depth": np.array([token.depth], dtype=np.int64)}
+            params: dict[str, Any] = {"token_index": token.index, "prefill": token.prefill,
+                                      "triton_final_response": token.final}
+            if token.final:
+                params.update(self._totals(done))
+            yield ModelRun(self._pick(outputs), token.layers_executed, float(token.depth), token.compute_s,
+                           params=params)
+
+    def _tokens(self) -> Iterator[Token]:
+        return self.engine.generate_tokens(self.prompt, self.sampling, self.threshold)
+
+    @staticmethod
+    def _totals(tokens: list[Token]) -> dict[str, Any]:
+        return {"tokens_generated": len(tokens), "finish_reason": tokens[-1].finish_reason or "length",
+                "total_layers_executed": sum(t.layers_executed for t in tokens),
+                "total_compute_ms": sum(t.compute_s for t in tokens) * 1e3,
+                "first_token_ms": tokens[0].compute_s * 1e3}
 
     def _pick(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: v for k, v in outputs.items() if not self.wanted or k in self.wanted}
@@ -103,35 +130,63 @@ def parse(request: Any, engine: Engine) -> Job:
     if raw and len(raw) != len(request.inputs):
         raise invalid(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: send one per "
                       f"input, or none and use contents")
-    accepted = "input_ids (INT64 [batch, seq])" + (" or text (BYTES [1])" if engine.byte_level else "")
-    if len(request.inputs) != 1:
-        names = [t.name for t in request.inputs]
-        raise invalid(f"inputs: expected exactly one input, {accepted}; got {names}")
-    tensor = request.inputs[0]
-    field_name = f"input {tensor.name!r}"
-    if tensor.name == "input_ids":
+    names = [t.name for t in request.inputs]
+    if len(set(names)) != len(names):
+        raise invalid(f"inputs: {sorted({n for n in names if names.count(n) > 1})} sent more than once")
+    accepted = "input_ids (INT64 [batch, seq]) to score, or text_input (BYTES [1]) to generate"
+    if "text" in names and "text_input" not in names:
+        raise invalid("input 'text' is now 'text_input' (with max_tokens and the other sampling options in the "
+                      "BYTES input sampling_parameters, a JSON object), as Triton's LLM backends name them")
+    if "input_ids" in names and "text_input" in names:
+        raise invalid(f"inputs: send {accepted}, not both")
+    if "input_ids" in names:
+        if len(names) != 1:
+            raise invalid(f"inputs: input_ids goes alone, got {names}")
+        tensor = request.inputs[0]
+        field_name = "input 'input_ids'"
         if tensor.datatype != "INT64":
             raise invalid(f"{field_name}: datatype is {tensor.datatype!r}, expected 'INT64'")
         ids = decode_tensor(tensor, raw[0] if raw else None, field_name)
         _check_ids(ids, engine, field_name)
         return Job(engine, threshold, ids=ids, wanted=_wanted(request, IDS_OUTPUTS))
-    if tensor.name == "text" and engine.byte_level:
-        if tensor.datatype != "BYTES":
-            raise invalid(f"{field_name}: datatype is {tensor.datatype!r}, expected 'BYTES'")
-        values = decode_tensor(tensor, raw[0] if raw else None, field_name).reshape(-1)
-        if values.size != 1:
-            raise invalid(f"{field_name}: expected one string, got shape {list(tensor.shape)}")
-        prompt = list(bytes(values[0]))
-        if not prompt:
-            raise invalid(f"{field_name}: the text is empty")
-        new_tokens = read_number(request.parameters, "max_new_tokens", integer=True)
-        new_tokens = DEFAULT_NEW_TOKENS if new_tokens is None else int(new_tokens)
-        if not 1 <= new_tokens <= MAX_NEW_TOKENS:
-            raise invalid(f"parameter 'max_new_tokens' = {new_tokens} is outside [1, {MAX_NEW_TOKENS}]")
-        return Job(engine, threshold, prompt=prompt, new_tokens=new_tokens, wanted=_wanted(request, TEXT_OUTPUTS))
-    if tensor.name == "text":
-        raise invalid(f"{field_name}: this model has a word vocabulary, so it takes input_ids only")
-    raise invalid(f"{field_name} is unknown: the model takes {accepted}")
+    if "text_input" in names:
+        return _generation(request, engine, threshold, raw)
+    raise invalid(f"inputs: expected {accepted}; got {names}")
+
+
+def _generation(request: Any, engine: Engine, threshold: float, raw: list[bytes]) -> Job:
+    values: dict[str, Any] = {}
+    for i, tensor in enumerate(request.inputs):
+        field_name = f"input {tensor.name!r}"
+        if tensor.name not in TEXT_INPUTS:
+            raise invalid(f"{field_name} is unknown beside text_input; generation takes {', '.join(TEXT_INPUTS)}")
+        if tensor.datatype != TEXT_INPUTS[tensor.name]:
+            raise invalid(f"{field_name}: datatype is {tensor.datatype!r}, expected {TEXT_INPUTS[tensor.name]!r}")
+        array = decode_tensor(tensor, raw[i] if raw else None, field_name).reshape(-1)
+        if array.size != 1:
+            raise invalid(f"{field_name}: expected one element, got shape {list(tensor.shape)}")
+        values[tensor.name] = array[0]
+    try:
+        engine.check_generation()
+    except PonderError as exc:
+        raise invalid(str(exc)) from None
+    data = bytes(values["text_input"])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise invalid(f"input 'text_input' is not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                      "send the prompt as UTF-8 text") from None
+    prompt = [int(i) for i in engine.tokenizer.encode(text)]
+    try:
+        check_prompt(prompt, engine.max_seq_len, engine.vocab_size)
+        sampling = SamplingParams.from_json(bytes(values.get("sampling_parameters", b"{}")))
+    except ConfigError as exc:
+        field_name = "text_input" if "prompt" in str(exc) else "sampling_parameters"
+        raise invalid(f"input {field_name!r}: {exc}") from None
+    return Job(engine, threshold, prompt=prompt, prompt_text=data, sampling=sampling,
+               stream=bool(values.get("stream", False)), exclude_input=bool(values.get("exclude_input_in_output",
+                                                                                        False)),
+               wanted=_wanted(request, TEXT_OUTPUTS))
 
 
 def _threshold(request: Any, engine: Engine) -> float:

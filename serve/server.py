@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ponder import __version__
 from ponder.errors import BadRequestError, ConfigError, NotFoundError, PonderError, UnavailableError
+from ponder.generation import SAMPLING_KEYS
 from ponder.limits import MAX_MESSAGE_MB
 from ponder.serve import inference_pb2 as pb
 from ponder.serve import inference_pb2_grpc as pb_grpc
@@ -37,7 +38,7 @@ from ponder.serve.listen import TLSFiles, check_address, check_port_free
 from ponder.serve.metrics import Metrics
 from ponder.serve.protocol import RequestError
 from ponder.serve.repository import ModelVersion, Repository, check_root
-from ponder.serve.requests import IDS_OUTPUTS, TEXT_OUTPUTS, ModelRun, parse, respond
+from ponder.serve.requests import IDS_OUTPUTS, TEXT_INPUTS, TEXT_OUTPUTS, ModelRun, parse, respond
 
 log = logging.getLogger("ponder.serve")
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -201,8 +202,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                       "tokenizer": "byte" if engine.byte_level else "word", "version": mv.version,
                       "halting": engine.metadata.get("halting", {}).get("name", ""),
                       "norm": engine.metadata.get("norm", {}).get("name", ""),
-                      "generation": (f"input text (BYTES [1]) and parameter max_new_tokens; outputs "
-                                     f"{', '.join(TEXT_OUTPUTS)}" if engine.byte_level else "none")}
+                      "generation": (f"inputs {', '.join(f'{k} ({v} [1])' for k, v in TEXT_INPUTS.items())}; "
+                                     f"text_input required; sampling_parameters a JSON object of "
+                                     f"{', '.join(SAMPLING_KEYS)}; outputs {', '.join(TEXT_OUTPUTS)}"
+                                     if engine.can_generate else "none: exported without its decode graph")}
             cfg = pb.ModelConfig(
                 name=mv.name, platform="onnxruntime_onnx", backend="onnxruntime", max_batch_size=0,
                 input=[pb.ModelInput(name=n, data_type=_TYPES[d], dims=s)
@@ -276,7 +279,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ok = False
         try:
             with self.admission.slot(context) as queue_s:
-                if not job.generates:
+                if not job.streams:
                     step = job.run()
                     response, output_s = _timed(respond, request, mv.name, mv.version, step, queue_s=queue_s,
                                                 server_s=time.perf_counter() - start)

@@ -14,6 +14,7 @@ import pytest
 import tritonclient.grpc as triton
 from helpers import run_ponder
 
+from ponder.generation import SamplingParams
 from ponder.serve import inference_pb2 as pb
 from ponder.serve import inference_pb2_grpc as pb_grpc
 from ponder.serve.client import Client, ServerError
@@ -53,10 +54,19 @@ def triton_ids(ids: np.ndarray) -> triton.InferInput:
     return tensor
 
 
-def triton_text(text: bytes) -> triton.InferInput:
-    tensor = triton.InferInput("text", [1], "BYTES")
-    tensor.set_data_from_numpy(np.array([text], dtype=np.object_))
-    return tensor
+def triton_text(text: bytes, sampling: dict | None = None, stream: bool | None = None,
+                exclude_input: bool | None = None) -> list[triton.InferInput]:
+    """A generation request's inputs as Triton's LLM clients send them."""
+    inputs = []
+    for name, datatype, value in (("text_input", "BYTES", text),
+                                  ("sampling_parameters", "BYTES", None if sampling is None else json.dumps(sampling)),
+                                  ("stream", "BOOL", stream), ("exclude_input_in_output", "BOOL", exclude_input)):
+        if value is None:
+            continue
+        tensor = triton.InferInput(name, [1], datatype)
+        tensor.set_data_from_numpy(np.array([value], dtype=np.object_ if datatype == "BYTES" else np.bool_))
+        inputs.append(tensor)
+    return inputs
 
 
 # -- stock tritonclient -----------------------------------------------------------------------------------------
@@ -119,29 +129,64 @@ def test_typed_contents_through_tritonclients_own_stub(server, engine):
 
 
 def test_tritonclient_generates_text_unary_and_streamed(server, engine):
+    from ponder.generation import SamplingParams
+
     client = triton.InferenceServerClient(server[1])
-    expected = engine.generate(PROMPT.decode(), 6, 0.5)
-    result = client.infer("tiny", [triton_text(PROMPT)], parameters={"max_new_tokens": 6, "act_threshold": 0.5})
+    expected = engine.generate(PROMPT.decode(), SamplingParams(max_tokens=6), 0.5)
+    new_text = bytes(expected["token_ids"])
+    result = client.infer("tiny", triton_text(PROMPT, {"max_tokens": 6}), parameters={"act_threshold": 0.5})
     assert result.as_numpy("token_ids").tolist() == expected["token_ids"]
-    assert result.as_numpy("text")[0] == bytes(expected["token_ids"])
-    per_step = [s["layers_executed"] for s in expected["steps"]]
-    assert result.as_numpy("token_layers").tolist() == per_step
-    assert result.get_response().parameters["layers_executed"].int64_param == sum(per_step)
+    assert result.as_numpy("text_output")[0] == PROMPT + new_text  # the prompt first, as vLLM's backend does
+    depths = [s["token_depth"] for s in expected["steps"]]
+    assert result.as_numpy("token_depth").tolist() == depths
+    params = result.get_response().parameters
+    assert params["finish_reason"].string_param == "length" and params["tokens_generated"].int64_param == 6
+    assert params["total_layers_executed"].int64_param == sum(s["layers_executed"] for s in expected["steps"])
+    excluded = client.infer("tiny", triton_text(PROMPT, {"max_tokens": 6}, exclude_input=True),
+                            parameters={"act_threshold": 0.5})
+    assert excluded.as_numpy("text_output")[0] == new_text
 
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    try:
-        client.async_stream_infer("tiny", [triton_text(PROMPT)], parameters={"max_new_tokens": 6,
-                                                                             "act_threshold": 0.5})
+    try:  # what Triton's LLM clients send: text_input, stream, sampling_parameters (numbers as strings)
+        client.async_stream_infer("tiny", triton_text(PROMPT, {"max_tokens": "6", "temperature": "0"}, stream=True),
+                                  parameters={"act_threshold": 0.5})
         got = [responses.get(timeout=30) for _ in range(6)]
     finally:
         client.stop_stream()
     assert all(error is None for _, error in got)
     params = [r.get_response().parameters for r, _ in got]
     assert [int(r.as_numpy("token_ids")[0]) for r, _ in got] == expected["token_ids"]
-    assert [p["layers_executed"].int64_param for p in params] == per_step
+    assert b"".join(r.as_numpy("text_output")[0] for r, _ in got) == new_text  # the new text only
+    assert [int(r.as_numpy("token_depth")[0]) for r, _ in got] == depths
+    assert [p["layers_executed"].int64_param for p in params] == [s["layers_executed"] for s in expected["steps"]]
     assert [p["token_index"].int64_param for p in params] == list(range(6))
+    assert [p["prefill"].bool_param for p in params] == [True] + [False] * 5
     assert [p["triton_final_response"].bool_param for p in params] == [False] * 5 + [True]
+    assert params[-1]["finish_reason"].string_param == "length"
+
+
+def test_sampling_is_seeded_and_stop_strings_end_generation_over_the_server(server, engine):
+    from ponder.generation import SamplingParams
+
+    client = triton.InferenceServerClient(server[1])
+    sampled = {"max_tokens": 12, "temperature": 1.2, "top_p": 0.9, "seed": 3}
+    first, again = (client.infer("tiny", triton_text(PROMPT, sampled)).as_numpy("token_ids").tolist()
+                    for _ in range(2))
+    in_process = engine.generate(PROMPT.decode(), SamplingParams.from_json(sampled))["token_ids"]
+    assert first == again == in_process  # the same seed, the same text
+    other = client.infer("tiny", triton_text(PROMPT, {**sampled, "seed": 4})).as_numpy("token_ids").tolist()
+    assert other != first
+    greedy = engine.generate(PROMPT.decode(), SamplingParams(max_tokens=12))
+    text = bytes(greedy["token_ids"])
+    stop = text[4:6].decode("latin-1")
+    if all(ord(c) < 128 for c in stop):
+        result = client.infer("tiny", triton_text(PROMPT, {"max_tokens": 12, "stop": [stop]}, exclude_input=True))
+        assert result.as_numpy("text_output")[0] == text.split(stop.encode())[0]
+        assert result.get_response().parameters["finish_reason"].string_param == "stop"
+    top1 = client.infer("tiny", triton_text(PROMPT, {"max_tokens": 12, "temperature": 5, "top_k": 1, "seed": 9},
+                                            exclude_input=True))
+    assert top1.as_numpy("token_ids").tolist() == greedy["token_ids"]
 
 
 def test_tritonclient_statistics_count_requests(server):
@@ -165,10 +210,11 @@ def test_our_client_raw_and_typed_agree_and_streaming_matches_unary(server, engi
         typed = client.infer("tiny", ids_of(), threshold=0.5, typed=True)
         np.testing.assert_array_equal(raw.outputs["logits"], typed.outputs["logits"])
         assert raw.layers_executed == typed.layers_executed == engine.infer(ids_of(), 0.5).layers_executed
-        once = client.generate_once("tiny", "def ", max_new_tokens=5, threshold=0.7)
-        streamed = list(client.generate("tiny", "def ", max_new_tokens=5, threshold=0.7))
+        sampling = SamplingParams(max_tokens=5)
+        once = client.generate_once("tiny", "def ", sampling=sampling, threshold=0.7)
+        streamed = list(client.generate("tiny", "def ", sampling=sampling, threshold=0.7))
     assert [int(r.outputs["token_ids"][0]) for r in streamed] == once.outputs["token_ids"].tolist()
-    assert [r.layers_executed for r in streamed] == once.outputs["token_layers"].tolist()
+    assert [int(r.outputs["token_depth"][0]) for r in streamed] == once.outputs["token_depth"].tolist()
 
 
 def test_repository_index_reports_the_broken_model_and_skips_the_outside_link(server):
@@ -240,6 +286,22 @@ def request_with(ids=None, *, datatype="INT64", shape=None, raw=None, name="inpu
     return request
 
 
+def generation(text: bytes = b"def ", sampling: dict | bytes | None = None, stream_as: bytes | None = None,
+               with_ids: bool = False) -> pb.ModelInferRequest:
+    """A generation request with typed contents (text_input, and sampling_parameters, stream, input_ids if given)."""
+    request = pb.ModelInferRequest(model_name="tiny")
+    request.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(text)
+    if sampling is not None:
+        data = sampling if isinstance(sampling, bytes) else json.dumps(sampling).encode()
+        request.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
+            data)
+    if stream_as is not None:
+        request.inputs.add(name="stream", datatype="BYTES", shape=[1]).contents.bytes_contents.append(stream_as)
+    if with_ids:
+        request.inputs.add(name="input_ids", datatype="INT64", shape=[1, 2]).contents.int64_contents.extend([1, 2])
+    return request
+
+
 NOT_FOUND, INVALID, UNAVAILABLE = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT,
                                    grpc.StatusCode.UNAVAILABLE)
 BAD_REQUESTS = {
@@ -266,14 +328,30 @@ BAD_REQUESTS = {
     "threshold above one": (request_with(params={"act_threshold": 1.5}), INVALID, "'act_threshold' = 1.5"),
     "threshold as text": (request_with(params={"act_threshold": "high"}), INVALID,
                           "parameter 'act_threshold' must be a number"),
-    "unknown input": (request_with(name="tokens"), INVALID, "input 'tokens' is unknown: the model takes input_ids"),
+    "unknown input": (request_with(name="tokens"), INVALID, "inputs: expected input_ids (INT64 [batch, seq]) to "
+                      "score, or text_input (BYTES [1]) to generate; got ['tokens']"),
     "unknown output": (request_with(outputs=["hidden"]), INVALID, "outputs: 'hidden' is not an output"),
-    "text as int64": (request_with(name="text"), INVALID, "input 'text': datatype is 'INT64', expected 'BYTES'"),
-    "empty text": (request_with(name="text", datatype="BYTES", shape=[1], raw=b"\0\0\0\0"), INVALID,
-                   "input 'text': the text is empty"),
-    "zero new tokens": (request_with(name="text", datatype="BYTES", shape=[1], raw=b"\2\0\0\0hi",
-                                     params={"max_new_tokens": 0}), INVALID,
-                        "parameter 'max_new_tokens' = 0 is outside [1, 1024]"),
+    "old text input": (request_with(name="text", datatype="BYTES", shape=[1], raw=b"\2\0\0\0hi"), INVALID,
+                       "input 'text' is now 'text_input'"),
+    "text as int64": (request_with(name="text_input"), INVALID,
+                      "input 'text_input': datatype is 'INT64', expected 'BYTES'"),
+    "empty text": (generation(b""), INVALID, "the prompt encodes to no tokens"),
+    "prompt too long": (generation(b"x" * 33), INVALID, "the prompt is 33 tokens long; the model takes at most 32"),
+    "not UTF-8": (generation(b"caf\xe9"), INVALID, "input 'text_input' is not valid UTF-8 (byte 3"),
+    "zero tokens": (generation(sampling={"max_tokens": 0}), INVALID,
+                    "input 'sampling_parameters': max_tokens = 0 is outside [1, 1024]"),
+    "negative tokens": (generation(sampling={"max_tokens": -2}), INVALID, "max_tokens = -2 is outside"),
+    "too many tokens": (generation(sampling={"max_tokens": 1025}), INVALID, "max_tokens = 1025 is outside"),
+    "negative temperature": (generation(sampling={"temperature": -0.5}), INVALID, "temperature = -0.5 must be"),
+    "nan temperature": (generation(sampling={"temperature": "NaN"}), INVALID, "temperature = nan must be"),
+    "top_p zero": (generation(sampling={"top_p": 0}), INVALID, "top_p = 0.0 is outside (0, 1]"),
+    "top_p above one": (generation(sampling={"top_p": 1.01}), INVALID, "top_p = 1.01 is outside (0, 1]"),
+    "negative top_k": (generation(sampling={"top_k": -1}), INVALID, "top_k = -1 must be >= 0"),
+    "unknown sampling key": (generation(sampling={"beam_width": 4}), INVALID, "unknown key(s) 'beam_width'"),
+    "sampling not an object": (generation(sampling=b"[1, 2]"), INVALID, "must be a JSON object, got list"),
+    "sampling not JSON": (generation(sampling=b"{max_tokens"), INVALID, "sampling_parameters is not valid JSON"),
+    "stream as bytes": (generation(stream_as=b"yes"), INVALID, "input 'stream': datatype is 'BYTES', expected 'BOOL'"),
+    "both request shapes": (generation(with_ids=True), INVALID, "not both"),
 }
 
 
@@ -294,10 +372,10 @@ def test_typed_contents_with_the_wrong_count_and_two_inputs(stub):
         stub.ModelInfer(request)
     assert info.value.code() == INVALID
     assert "input 'input_ids': contents.int64_contents holds 3 values, but shape [1, 4] needs 4" in info.value.details()
-    request.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"hi")
+    request.inputs.add(name="position_ids", datatype="INT64", shape=[1, 4]).contents.int64_contents.extend([1, 2, 3, 4])
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(request)
-    assert "expected exactly one input" in info.value.details()
+    assert "inputs: input_ids goes alone, got ['input_ids', 'position_ids']" in info.value.details()
 
 
 def test_a_bad_request_in_a_stream_answers_with_an_error_and_the_stream_goes_on(stub):
@@ -330,8 +408,10 @@ def test_ponder_client_commands(server):
     assert "layers executed 3" in out and "round trip" in out
     typed = json.loads(run_ponder("client", *address, "infer", "--ids", "1,2,3", "--typed", "--json").stdout)
     assert typed["model"] == "tiny" and len(typed["token_depth"][0]) == 3
-    gen = run_ponder("client", *address, "generate", "def ", "--max-new-tokens", "4", "-t", "0.5").stdout
-    assert gen.count("arrived after") == 4 and "4 tokens; layers executed per token" in gen
+    gen = run_ponder("client", *address, "generate", "def ", "--max-tokens", "4", "-t", "0.5").stdout
+    assert gen.count("arrived after") == 4 and "4 tokens (length); depth per token" in gen
+    bad = run_ponder("client", *address, "generate", "def ", "--top-p", "2", check=False)
+    assert bad.returncode == 2 and "--top-p = 2.0 is outside (0, 1]" in bad.stderr and "Traceback" not in bad.stderr
     bad = run_ponder("client", *address, "infer", "--model", "nope", "--ids", "1 2", check=False)
     assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -4,6 +4,7 @@ HTTP clients or probes pointed at the metrics port. Plus the server's start-up c
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import urllib.error
@@ -88,16 +89,22 @@ def test_a_request_with_every_advertised_input_and_output_works(server, model_re
     config = client.get_model_config("tiny", "2").config
     assert [i.name for i in config.input] == [i.name for i in meta.inputs]
     assert not any(i.optional for i in config.input)
-    assert "text" in config.parameters["generation"].string_value  # the other request shape is still findable
+    assert "text_input" in config.parameters["generation"].string_value  # the other request shape is findable
+
+
+def _text(prompt: bytes, sampling: str) -> list[triton.InferInput]:
+    text = triton.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([prompt], dtype=np.object_))
+    params = triton.InferInput("sampling_parameters", [1], "BYTES")
+    params.set_data_from_numpy(np.array([sampling.encode()], dtype=np.object_))
+    return [text, params]
 
 
 def test_statistics_count_input_infer_and_output_alike(server):
     """perf_analyzer: 'Server side statistics compute counts must be the same'."""
     client = triton.InferenceServerClient(server[1])
     client.infer("tiny", [_input(_ids(2))], model_version="1")
-    text = triton.InferInput("text", [1], "BYTES")
-    text.set_data_from_numpy(np.array([b"The "], dtype=np.object_))
-    client.infer("tiny", [text], model_version="1", parameters={"max_new_tokens": 3})
+    client.infer("tiny", _text(b"The ", '{"max_tokens": 3}'), model_version="1")
     stats = client.get_inference_statistics("tiny", "1").model_stats[0].inference_stats
     assert stats.compute_infer.count >= 4  # one forward pass and three generated tokens
     assert stats.compute_input.count == stats.compute_infer.count == stats.compute_output.count
@@ -111,14 +118,15 @@ def test_numeric_parameters_sent_as_strings_as_the_kserve_sdk_does(server, model
     as_string = client.infer("tiny", [_input(ids)], parameters={"act_threshold": "0.3"}).get_response()
     expected = engine.infer(ids, 0.3)
     assert as_string.parameters["layers_executed"].int64_param == expected.layers_executed < 3
-    text = triton.InferInput("text", [1], "BYTES")
-    text.set_data_from_numpy(np.array([b"The "], dtype=np.object_))
-    generated = client.infer("tiny", [text], parameters={"max_new_tokens": "2"})
+    generated = client.infer("tiny", _text(b"The ", '{"max_tokens": "2"}'), parameters={"act_threshold": "0.5"})
     assert generated.as_numpy("token_ids").shape == (2,)
     for key, value, named in (("act_threshold", "half", "'half'"), ("act_threshold", "1.5", "1.5"),
-                              ("max_new_tokens", "2.5", "'2.5'")):
+                              ("max_tokens", "2.5", "'2.5'")):
         with pytest.raises(Exception) as refused:
-            client.infer("tiny", [_input(ids)] if key == "act_threshold" else [text], parameters={key: value})
+            if key == "act_threshold":
+                client.infer("tiny", [_input(ids)], parameters={key: value})
+            else:
+                client.infer("tiny", _text(b"The ", json.dumps({key: value})))
         assert "INVALID_ARGUMENT" in str(refused.value) or "StatusCode.INVALID_ARGUMENT" in repr(refused.value)
         assert key in str(refused.value) and named in str(refused.value)
 

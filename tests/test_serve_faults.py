@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
+from ponder.generation import SamplingParams
 from ponder.serve import inference_pb2 as pb
 from ponder.serve import inference_pb2_grpc as pb_grpc
 from ponder.serve.client import Client, ServerError
@@ -139,7 +140,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(model_repository):
 
     def generate():
         with Client(address, timeout=60) as client:
-            replies.append(client.generate_once("tiny", "def ", max_new_tokens=1024, threshold=1.0))
+            replies.append(client.generate_once("tiny", "def ", sampling=SamplingParams(max_tokens=1024),
+                                                  threshold=1.0))
             finished.append(time.monotonic())
 
     workers = [threading.Thread(target=generate) for _ in range(3)]  # one computing, two queued
