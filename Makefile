@@ -48,6 +48,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_train_eval.py
 	$(BIN)/python benchmarks/bench_norms.py
 	$(BIN)/python benchmarks/bench_export.py
+	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_dag.py
 

@@ -215,8 +215,14 @@ def _inspect(args: argparse.Namespace) -> int:
     from ponder.model_repository import model_file
     from ponder.serve.engine import read_metadata
 
-    meta = read_metadata(model_file(args.model))
+    path = model_file(args.model)
+    meta = read_metadata(path)
+    decode = meta.get("decode_graph")
+    decode_meta = read_metadata(path.parent / decode) if isinstance(decode, str) and (path.parent / decode).is_file() \
+        else None
     if args.json:
+        if decode_meta is not None:
+            meta["decode"] = {"inputs": decode_meta["inputs"], "outputs": decode_meta["outputs"]}
         print(json.dumps(meta, indent=2))
         return 0
     for key, value in meta.items():
@@ -227,7 +233,31 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"{key}:")
         for name, shape in meta[key]:
             print(f"  {name}: {shape}")
+    if decode_meta is not None:
+        print(f"decode graph ({decode}): generation through a KV cache, one layer's cache per past/present pair")
+        for key in ("inputs", "outputs"):
+            print(f"  {key}:")
+            for name, shape in _per_layer(decode_meta[key]):
+                print(f"    {name}: {shape}")
+    elif decode:
+        print(f"decode graph: {decode} is missing beside the model")
     return 0
+
+
+def _per_layer(tensors: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``past_key_values.0.key`` ... ``past_key_values.5.key`` (one shape) shown as one line ``...{0..5}.key``."""
+    import re
+
+    lines: dict[tuple[str, str], list[int] | None] = {}  # (name or pattern, shape) -> layers, in order of appearance
+    for name, shape in tensors:
+        match = re.fullmatch(r"(.*?)\.(\d+)\.(key|value)", name)
+        if match is None:
+            lines[(name, shape)] = None
+        else:
+            layers = lines.setdefault((f"{match.group(1)}.{{}}.{match.group(3)}", shape), [])
+            layers.append(int(match.group(2)))  # type: ignore[union-attr]
+    return [(name if layers is None else name.format(f"{{{min(layers)}..{max(layers)}}}"), shape)
+            for (name, shape), layers in lines.items()]
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -85,6 +85,17 @@ class TracedLayer(nn.Module):
         return torch.func.functional_call(self.step, dict(zip(self.keys, weights, strict=True)), state)
 
 
+def uniform_template(model: PonderLM) -> nn.Module:
+    """Layer 0, whose traced step serves every layer; a ValueError if a layer has other parameters."""
+    template = model.blocks[0]
+    signature = [(n, tuple(p.shape)) for n, p in tensors_of(template)]
+    for i, block in enumerate(model.blocks):
+        if [(n, tuple(p.shape)) for n, p in tensors_of(block)] != signature:
+            raise ValueError(f"layer {i} has other parameters than layer 0: its norm plugin builds different "
+                             "modules per layer")
+    return template
+
+
 def tensors_of(block: nn.Module) -> list[tuple[str, Tensor]]:
     """A block's parameters and buffers, in the order the traced step takes them."""
     return [*block.named_parameters(), *block.named_buffers()]
@@ -161,6 +172,10 @@ class _Builder:
         for node in graph.node:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
                 raise ValueError(f"a traced piece has control flow ({node.op_type}); it cannot be copied")
+            if node.op_type == "Transpose" and names[node.input[0]] in self.initializers:
+                # a weight transposed by every run (how F.linear traces with its weight an input): once, here
+                names[node.output[0]] = self._transposed(names[node.input[0]], node)
+                continue
             copied = onnx.NodeProto()
             copied.CopyFrom(node)
             for i, name in enumerate(node.input):
@@ -170,6 +185,17 @@ class _Builder:
             copied.name = f"{prefix}/{node.name or node.op_type}"
             nodes.append(copied)
         return nodes, [names[o.name] for o in graph.output]
+
+    def _transposed(self, name: str, node: Any) -> str:
+        """The initializer ``name`` transposed as ``node`` (a Transpose) would, as a new initializer; its name."""
+        from onnx import helper, numpy_helper
+
+        perm = next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), None)
+        value = numpy_helper.to_array(self.initializers[name])
+        out = f"{name}/T{'' if perm is None else ''.join(map(str, perm))}"
+        if out not in self.initializers:
+            self.constant(out, np.ascontiguousarray(np.transpose(value, perm)))
+        return out
 
     def inline(self, graph: Any, key: str, inputs: dict[str, str], prefix: str) -> list[str]:
         nodes, outputs = self.copy(graph, key, inputs, prefix)
@@ -215,12 +241,8 @@ def build(model: PonderLM, compaction: str, cutoff: float | None, opset: int, un
     prologue = _trace(Prologue(model, window), (ids,), ["input_ids"], [*STATE, *TABLES],
                       {"input_ids": {0: batch, 1: seq}}, opset)
 
-    template = model.blocks[0]
+    template = uniform_template(model)
     signature = [(n, tuple(p.shape)) for n, p in tensors_of(template)]
-    for i, block in enumerate(model.blocks):
-        if [(n, tuple(p.shape)) for n, p in tensors_of(block)] != signature:
-            raise ValueError(f"layer {i} has other parameters than layer 0: its norm plugin builds different "
-                             "modules per layer")
     state_shapes = [{0: batch, 1: seq}] * 5 + [None]
     table_shapes = [{0: seq}, {0: seq}, {1: seq, 2: seq}]
     step_names = [*STATE, *TABLES, "act_threshold", "layer"]
@@ -353,16 +375,12 @@ def cache_names(n_layers: int) -> tuple[list[str], list[str]]:
     return past, present
 
 
-def build_decode(model: PonderLM, opset: int) -> Any:
-    """The decode graph of ``model`` (folded already, in eval): one step of ``ponder.decode.decode_step``.
-
-    Inputs ``input_ids [batch, seq]`` (the new tokens), ``attention_mask [batch, total]`` (total = past + seq),
-    ``past_key_values.{i}.key|value [batch, heads, past, head_dim]``, ``act_threshold`` (optional). Outputs
-    ``logits [batch, seq, vocab]``, ``present.{i}.key|value [batch, heads, total, head_dim]``, ``token_depth``
-    and ``layers_executed``. Layer 0 always runs; each later layer is an ``If``: the full step while some new
-    token runs, else the key/value fill of the frozen states."""
-    from onnx import TensorProto, helper
-
+def decode_pieces(model: PonderLM, opset: int) -> dict[str, Any]:
+    """The traced pieces of the decode graph (ONNX graphs): ``prologue``, ``step`` (one layer's full step: the state,
+    the tables, ``act_threshold``, ``layer``, ``past_key``, ``past_value``, then the layer's weights ``w0, w1, ...``),
+    ``fill`` (one layer's key/value fill: ``hidden``, ``cos``, ``sin``, ``past_key``, ``past_value``, the weights),
+    ``running`` and ``epilogue``; ``weight_names`` and ``fill_names`` too. ``benchmarks/bench_generate.py`` times
+    ``step`` and ``fill`` on their own for the bound of a decode step's cost."""
     cfg = model.cfg
     window = model.dials["attn_window"].as_int()
     auto = torch.export.Dim.AUTO
@@ -375,7 +393,7 @@ def build_decode(model: PonderLM, opset: int) -> Any:
     prologue = _trace(DecodePrologue(model, window), (ids, mask_in), ["input_ids", "attention_mask"],
                       [*STATE, *TABLES], {"input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto}},
                       opset)
-    template = model.blocks[0]
+    template = uniform_template(model)
     weights = tuple(t.detach() for _, t in tensors_of(template))
     weight_names = [f"w{k}" for k in range(len(weights))]
     past = torch.zeros((b_, cfg.n_heads, p_, head_dim))
@@ -397,6 +415,25 @@ def build_decode(model: PonderLM, opset: int) -> Any:
     epilogue = _trace(Epilogue(model), (pro_out[3], pro_out[2]), ["output", "depth"], ["logits", "token_depth"],
                       {"output": {0: auto, 1: auto}, "depth": {0: auto, 1: auto}}, opset)
 
+    return {"prologue": prologue, "step": step, "fill": fill, "running": running, "epilogue": epilogue,
+            "weight_names": weight_names, "fill_names": fill_names}
+
+
+def build_decode(model: PonderLM, opset: int, unrolled: bool = False) -> Any:
+    """The decode graph of ``model`` (folded already, in eval): one step of ``ponder.decode.decode_step``.
+
+    Inputs ``input_ids [batch, seq]`` (the new tokens), ``attention_mask [batch, total]`` (total = past + seq),
+    ``past_key_values.{i}.key|value [batch, heads, past, head_dim]``, ``act_threshold`` (optional). Outputs
+    ``logits [batch, seq, vocab]``, ``present.{i}.key|value [batch, heads, total, head_dim]``, ``token_depth``
+    and ``layers_executed``. Layer 0 always runs; each later layer is an ``If``: the full step while some new
+    token runs, else the key/value fill of the frozen states."""
+    from onnx import TensorProto, helper
+
+    cfg = model.cfg
+    head_dim = cfg.d_model // cfg.n_heads
+    pieces = decode_pieces(model, opset)
+    prologue, step, fill, running, epilogue = (pieces[k] for k in ("prologue", "step", "fill", "running", "epilogue"))
+    weight_names, fill_names = pieces["weight_names"], pieces["fill_names"]
     b = _Builder()
     out = b.inline(prologue, "prologue", {"input_ids": "input_ids", "attention_mask": "attention_mask"}, "prologue")
     state, tables = out[:6], dict(zip(TABLES, out[6:], strict=True))
@@ -408,8 +445,8 @@ def build_decode(model: PonderLM, opset: int) -> Any:
         bound.update(dict(zip(STATE, state, strict=True)), **tables, act_threshold="act_threshold",
                      layer=b.constant(f"layer{i}/index", np.array(i, dtype=np.int64)),
                      past_key=past_names[2 * i], past_value=past_names[2 * i + 1])
-        if i == 0:  # the first layer always runs its full step
-            new = b.inline(step, "step", bound, "layer0")
+        if i == 0 or unrolled:  # the first layer always runs its full step (unrolled: every layer, no If)
+            new = b.inline(step, "step", bound, f"layer{i}")
         else:
             full = b.branch(step, "step", bound, f"layer{i}/step", types)
             fill_nodes, kv = b.copy(fill, "fill", {k: bound[k] for k in [*fill_names, *weight_names]},

@@ -22,6 +22,11 @@ from ponder.model_repository import config_paths
 from ponder.onnx_runtime import open_session
 from ponder.text import ByteTokenizer, tokenizer_from_json
 
+# A decode step at batch 1 runs hundreds of tiny operators (one new token): handing each to a second thread costs
+# more than the thread gives. Measured on the demo model, 120 cached tokens, 2 cores: 0.53 ms per step on one thread,
+# 0.80-0.93 ms on two (benchmarks/bench_generate.py; docs/generation.md).
+DECODE_THREADS = 1
+
 
 @dataclass
 class InferResult:
@@ -71,9 +76,11 @@ def _shape(type_proto: Any) -> str:
 class Engine:
     """One exported model on ONNX Runtime (CPU), with its tokenizer."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, spinning: bool = True) -> None:
-        """``threads``: ONNX Runtime's intra-op threads (default: its own choice). ``spinning=False`` stops those
-        threads busy-waiting between runs, which frees the CPU for a server's own threads."""
+    def __init__(self, path: str | Path, threads: int | None = None, spinning: bool = True,
+                 decode_threads: int | None = DECODE_THREADS) -> None:
+        """``threads``: ONNX Runtime's intra-op threads for scoring (default: its own choice). ``spinning=False``
+        stops those threads busy-waiting between runs, which frees the CPU for a server's own threads.
+        ``decode_threads``: the same for the decode graph (default 1, see DECODE_THREADS)."""
         self.path = Path(path)
         self.metadata = read_metadata(self.path)
         self.config = self._read_config()
@@ -85,7 +92,10 @@ class Engine:
         self.tokenizer_spec = self.config.get("tokenizer") or self.metadata.get("tokenizer") or {"kind": "byte"}
         self.byte_level = self.tokenizer_spec.get("kind") == "byte"
         self._tokenizer_cache: Any = None
-        self.decode_session = self._open_decode(threads, spinning)
+        self.decode_session = self._open_decode(decode_threads, spinning)
+        # the prefill (the whole prompt at once) has enough work per operator for the scoring graph's threads
+        self.prefill_session = self._open_decode(threads, spinning) if decode_threads != threads else \
+            self.decode_session
         if self.decode_session is not None:
             names = [o.name for o in self.decode_session.get_outputs()]
             self._past_names = [i.name for i in self.decode_session.get_inputs()
@@ -169,8 +179,9 @@ class Engine:
                 "act_threshold": np.asarray(threshold, dtype=np.float32)}
         feed.update(zip(self._past_names, past if past is not None else [self._empty] * len(self._past_names),
                         strict=True))
+        session = self.prefill_session if past is None and len(new_ids) > 1 else self.decode_session
         start = time.perf_counter()
-        out = self.decode_session.run(self._decode_outputs, feed)
+        out = session.run(self._decode_outputs, feed)
         seconds = time.perf_counter() - start
         logits, depth, layers = out[0], out[1], out[2]
         return Step(logits[0, -1], out[3:], int(depth[0, -1]), int(layers), seconds)

@@ -39,9 +39,11 @@ def test_demo_trains_exports_serves_measures_and_stops(tmp_path):
     header = next(line for line in out.splitlines() if line.lstrip().startswith("threshold"))
     for column in ("layers executed", "mean token depth", "p50 ms", "speed-up", "perplexity"):
         assert column in header
-    table = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in
-             {"0.5", "0.8", "0.9", "0.95", "0.99", "1"}]
-    assert [row[0] for row in table] == ["0.5", "0.8", "0.9", "0.95", "0.99", "1"]
+    scoring, generation = out.split("generation through the KV cache")
+    for part in (scoring, generation):  # the scoring table, then generation tokens/s per threshold
+        table = [line.split() for line in part.splitlines() if line.split() and line.split()[0] in
+                 {"0.5", "0.8", "0.9", "0.95", "0.99", "1"}]
+        assert [row[0] for row in table] == ["0.5", "0.8", "0.9", "0.95", "0.99", "1"]
 
     run = tmp_path / "run"
     report = json.loads((run / "demo.json").read_text())
@@ -54,7 +56,8 @@ def test_demo_trains_exports_serves_measures_and_stops(tmp_path):
     assert report["via"] == "grpc" and report["address"].startswith("127.0.0.1:")
     assert (run / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "models" / "tiny" / "1" / "model.onnx").is_file()
-    assert report["samples"] and all("text" in s for s in report["samples"])
+    assert [s["threshold"] for s in report["samples"]] == [0.5, 0.8, 0.9, 0.95, 0.99, 1.0]
+    assert all("text" in s and s["tokens_per_s"] > 0 and len(s["token_depth"]) == 32 for s in report["samples"])
 
     # the server stopped cleanly: exit status 0, and nothing is left serving the repository
     assert report["server_exit_status"] == 0

@@ -60,14 +60,19 @@ def test_parity_for_every_norm_and_halting_plugin(tmp_path, norm, halting):
     0.0 (always dense, as "off"), 1.0 (always compacted, as "on") and the default (auto)."""
     model = tiny(norm, halting)
     report = export_model(model, tmp_path / "m.onnx", samples=samples(), compaction="auto")
-    assert len(report.checks) == 3 * 3 * 4  # three shapes (dynamic batch and length) x three cutoffs x four thresholds
-    assert {c["compaction_cutoff"] for c in report.checks} == {0.0, 1.0, DEFAULT_COMPACTION_CUTOFF}
+    scoring = [c for c in report.checks if c.get("graph") != "decode"]
+    decoding = [c for c in report.checks if c.get("graph") == "decode"]
+    assert len(scoring) == 3 * 3 * 4  # three shapes (dynamic batch and length) x three cutoffs x four thresholds
+    assert {c["compaction_cutoff"] for c in scoring} == {0.0, 1.0, DEFAULT_COMPACTION_CUTOFF}
+    # the decode graph: per shape a prefill of half and three steps through the cache, at four thresholds
+    assert len(decoding) == 3 * 4 * 4 and {c["past"] > 0 for c in decoding} == {True, False}
     assert all(c["max_logit_diff"] <= 1e-4 and c["depth_equal"] for c in report.checks)
     assert all(c["layers_executed"] == c["torch_layers_executed"] for c in report.checks)
     full = [c for c in report.checks if c["threshold"] == 1.0]
     assert all(c["layers_executed"] == 2 for c in full)
-    if halting != "fixed":  # the graph really exits early somewhere
-        assert min(c["layers_executed"] for c in report.checks) < 2
+    if halting != "fixed":  # the graph really exits early somewhere, and so does a step through the cache
+        assert min(c["layers_executed"] for c in scoring) < 2
+        assert min(c["layers_executed"] for c in decoding if c["past"] > 0) < 2
     onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)
 
 
@@ -185,7 +190,8 @@ def test_cli_export_repository_inspect_and_run(trained, tmp_path):
     (repo / "tiny" / "1").mkdir(parents=True)  # an earlier version: the export takes the next number
     proc = run_ponder("export", str(trained), "--repository", str(repo), "--name", "tiny")
     assert "checked 24 runs against PyTorch" in proc.stdout  # 2 shapes x 4 thresholds x 3 compaction cutoffs
-    assert sorted(p.name for p in (repo / "tiny" / "2").iterdir()) == ["config.json", "model.onnx"]
+    assert "decode steps through the KV cache against PyTorch" in proc.stdout
+    assert sorted(p.name for p in (repo / "tiny" / "2").iterdir()) == ["config.json", "decode.onnx", "model.onnx"]
     assert [p.name for p in (repo / "tiny").iterdir() if p.name.startswith(".")] == []  # no staging left
     config = json.loads((repo / "tiny" / "2" / "config.json").read_text())
     assert config["tokenizer"] == {"kind": "byte"} and config["defaults"]["act_threshold"] == 0.9
@@ -195,9 +201,14 @@ def test_cli_export_repository_inspect_and_run(trained, tmp_path):
     assert meta["tokenizer"] == {"kind": "byte", "vocab_size": 256} and meta["compaction"] == "auto"
     shown = run_ponder("inspect", str(repo / "tiny" / "2" / "model.onnx")).stdout
     assert "n_layers: 3" in shown and "act_threshold: float[]" in shown and "token_depth: int64[batch, seq]" in shown
+    assert "decode graph (decode.onnx)" in shown and "past_key_values.{0..2}.key: float[batch, 2, past, 16]" in shown
+    assert "present.{0..2}.value: float[batch, 2, total, 16]" in shown
     out = run_ponder("run", str(repo / "tiny" / "2" / "model.onnx"), "--text", "The if statement", "--tokens", "3",
                      "-t", "1.0").stdout
-    assert "layers executed per token [3, 3, 3]" in out and "latency p50" in out
+    assert "3 tokens (length); depth per token [3, 3, 3]" in out and "first token" in out and "tokens/s" in out
+    sampled = [run_ponder("run", str(repo / "tiny" / "2"), "--text", "The", "--max-tokens", "6", "--temperature",
+                          "1.5", "--seed", "1").stdout.splitlines()[0] for _ in range(2)]
+    assert sampled[0] == sampled[1]  # the same seed, the same text
     proc = run_ponder("export", str(trained), "--repository", str(repo), "--name", "tiny", "--version", "2",
                       check=False)
     assert proc.returncode == 2 and "already exists: choose another --version" in proc.stderr
