@@ -14,15 +14,17 @@ length and threshold, ``--tokens`` greedy tokens generated two ways, interleaved
 Both run as the engine runs them: the scoring graph on ONNX Runtime's intra-op threads (torch's thread count),
 the decode graph on ``DECODE_THREADS`` (one).
 
-Per cell: tokens/s and per-token latency p50/p99 of both, the first token (the prefill) against one forward of the
-scoring graph on the same prompt, and the cached decode's speed-up over full depth next to its exact bound.
+Per cell: tokens/s and per-token latency p50/p99 of both, the prefill of the prompt (the decode graph with an empty
+cache) against one forward of the scoring graph on the same prompt (alternating, ``PREFILL_PAIRS`` each per
+prompt), and the cached decode's speed-up over full depth next to its exact bound.
 
 The bound: a decode step of depth d costs ``c0 + d * f + (L - d) * k`` (``f`` one layer's full step, ``k`` one
 layer's key/value fill, ``c0`` the rest: embedding, RoPE tables, the head). Both ends are measured in the real graph,
 interleaved with the rest: ``T_L`` at threshold 1.0 (every layer full) and ``T_1`` at a threshold so low that every
 token halts after layer 0 (one full layer, L - 1 fills). So ``f - k = (T_L - T_1) / (L - 1)`` and the bound of a step
 of depth d is ``T_1 + (d - 1) * (f - k)``; the bound's speed-up at a threshold is ``T_L`` over the mean bound of its
-steps' measured depths. ``f`` and ``k`` are also timed on their own (the traced pieces the graph is assembled from, on
+steps' measured depths. Medians of the step times throughout (a shared machine's few slow steps would move a
+mean). ``f`` and ``k`` are also timed on their own (the traced pieces the graph is assembled from, on
 ONNX Runtime without its fixed cost per call) and reported beside.
 """
 
@@ -55,6 +57,7 @@ FLOOR = 1e-6  # a threshold every token reaches after layer 0: decode steps of d
 GOAL_CACHED_OVER_RECOMPUTE = 15.0  # at full depth and a 120-token context
 GOAL_BOUND_SHARE = 0.85  # measured speed-up over full depth, as a share of the exact bound
 PIECE_REPEATS = 400
+PREFILL_PAIRS = 5  # per prompt and threshold: the prefill and one forward of the scoring graph, alternating
 
 
 def recompute(engine: Engine, prompt: list[int], tokens: int, threshold: float) -> list[float]:
@@ -86,7 +89,8 @@ def piece_ms(model, context: int, opset: int = 18) -> dict[str, float]:
     import onnx
     from onnx import TensorProto, helper
 
-    from ponder.graph import decode_pieces, tensors_of
+    from ponder.decode_graph import decode_pieces
+    from ponder.graph import tensors_of
 
     pieces = decode_pieces(model, opset)
     cfg = model.cfg
@@ -171,24 +175,30 @@ def main(argv: list[str] | None = None) -> int:
                     recompute(engine, prompt, 2, t)
                     cached(engine, prompt, 2, t)
             for prompt in prompts:
-                for t in THRESHOLDS:
+                for t in [*THRESHOLDS, FLOOR]:  # the floor interleaved with the rest, as one more threshold
+                    if t == FLOOR:
+                        floor += [s for s, d, first in cached(engine, prompt, args.tokens, FLOOR)
+                                  if not first and d == 1]
+                        continue
                     per[t]["recompute"] += recompute(engine, prompt, args.tokens, t)
                     steps = cached(engine, prompt, args.tokens, t)
-                    per[t]["prefill"] += [s for s, _, first in steps if first]
                     per[t]["cached"] += [s for s, _, first in steps if not first]
                     per[t]["depths"] += [d for _, d, first in steps if not first]
-                    start = time.perf_counter()
-                    engine.infer(np.array([prompt], dtype=np.int64), t)
-                    per[t]["forward"].append(time.perf_counter() - start)
-                floor += [s for s, d, first in cached(engine, prompt, args.tokens, FLOOR) if not first and d == 1]
-            full = statistics.mean(per[1.0]["cached"]) * 1e3  # T_L: every layer full
-            one = statistics.mean(floor) * 1e3  # T_1: layer 0 full, the others fill
+                    for _ in range(PREFILL_PAIRS):  # the prompt's prefill and one forward of it, alternating
+                        start = time.perf_counter()
+                        engine.decode_step(prompt, None, t)
+                        per[t]["prefill"].append(time.perf_counter() - start)
+                        start = time.perf_counter()
+                        engine.infer(np.array([prompt], dtype=np.int64), t)
+                        per[t]["forward"].append(time.perf_counter() - start)
+            # medians throughout: this machine is shared, and a few slow steps would move a mean
+            full = statistics.median(per[1.0]["cached"]) * 1e3  # T_L: every layer full
+            one = statistics.median(floor) * 1e3  # T_1: layer 0 full, the others fill
             slope = (full - one) / (n_layers - 1)  # f - k
             for t in THRESHOLDS:
                 p = per[t]
-                step_ms = statistics.mean(p["cached"]) * 1e3
-                bound_ms = statistics.mean(one + (d - 1) * slope for d in p["depths"])
-                full_mean = full
+                step_ms = statistics.median(p["cached"]) * 1e3
+                bound_ms = one + (statistics.mean(p["depths"]) - 1) * slope  # linear in depth: the mean's bound
                 cell = {
                     "context": context, "threshold": t, "mean_token_depth": statistics.mean(p["depths"]),
                     "recompute_tokens_per_s": 1e3 / (statistics.median(p["recompute"]) * 1e3),
@@ -196,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                     "recompute_p50_ms": pct(p["recompute"], 50), "recompute_p99_ms": pct(p["recompute"], 99),
                     "cached_p50_ms": pct(p["cached"], 50), "cached_p99_ms": pct(p["cached"], 99),
                     "prefill_p50_ms": pct(p["prefill"], 50), "forward_p50_ms": pct(p["forward"], 50),
-                    "speedup_over_full_depth": full_mean / step_ms, "bound_speedup": full_mean / bound_ms,
+                    "speedup_over_full_depth": full / step_ms, "bound_speedup": full / bound_ms,
                     "depth1_step_ms": one, "full_depth_step_ms": full,
                 }
                 cell["cached_over_recompute"] = cell["cached_tokens_per_s"] / cell["recompute_tokens_per_s"]

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ponder.contracts.halting import HaltState
 from ponder.errors import ConfigError
 from ponder.generation import SamplingParams, Step, Token, generate, text_bytes
-from ponder.model import Block, PonderLM, apply_rope
+from ponder.model import Block, PonderLM, Rows, apply_rope
 
 
 class KV(NamedTuple):
@@ -89,6 +89,46 @@ def cached_layer(block: Block, halting: nn.Module, state: HaltState, layer: int 
     return halting.step(state, s, layer, threshold), KV(keys, values)
 
 
+def decode_rows(halted: Tensor, n: int, mask: Tensor) -> Rows:
+    """The rows of a compacted step over the new tokens that still run (``n`` per batch row, the most running in
+    a row; see ``ponder.model.Rows``), with their rows of the per-row attention ``mask`` [B, heads, t, P + t]."""
+    b, t = halted.shape
+    pos = torch.topk((~halted).to(torch.float32), n, dim=1).indices  # running (1.0) before halted (0.0)
+    flat = (pos + torch.arange(b, device=pos.device)[:, None] * t).reshape(-1)
+    rows = Rows(pos, flat, mask)
+    return rows._replace(mask=rows.take(mask.transpose(1, 2)).transpose(1, 2))
+
+
+def compacted_cached_layer(block: Block, halting: nn.Module, state: HaltState, layer: int | Tensor,
+                           threshold: float | Tensor, cos: Tensor, sin: Tensor, rows: Rows,
+                           past: KV) -> tuple[HaltState, KV]:
+    """:func:`cached_layer` for the running ``rows`` only: keys and values for every new token (the cache needs
+    them), the query, attention, projection, MLP and halting step for the rows alone (the prefill of a long
+    prompt, as ``ponder.model.compacted_step`` for scoring)."""
+    x = state.hidden
+    b, t, d = x.shape
+    attn = block.attn
+    h = attn.n_heads
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    normed = block.norm_attn(x)
+    k, v = F.linear(normed, weight[d:], None if bias is None else bias[d:]).view(b, t, 2, h, d // h).permute(
+        2, 0, 3, 1, 4)
+    keys = torch.cat([past.key, apply_rope(k, cos, sin)], dim=2)
+    values = torch.cat([past.value, v], dim=2)
+    n = rows.pos.shape[1]
+    q = F.linear(rows.take(normed), weight[:d], None if bias is None else bias[:d]).view(b, n, h, d // h)
+    cos_rows, sin_rows = rows.take(cos[:, 0]).unsqueeze(1), rows.take(sin[:, 0]).unsqueeze(1)
+    y = F.scaled_dot_product_attention(apply_rope(q.transpose(1, 2), cos_rows, sin_rows), keys, values,
+                                       attn_mask=rows.mask)
+    xr = rows.take(x) + attn.proj(y.transpose(1, 2).reshape(b, n, d))
+    s = xr + block.mlp(block.norm_ffn(xr))
+    taken = HaltState(*(rows.take(field) for field in state))
+    new = halting.step(taken, s, layer, threshold)
+    merged = HaltState(*(rows.put(full, part) for full, part in zip(state, new, strict=True)))
+    # this layer's halting weight is 0 for every token it did not run, as in the dense step
+    return merged._replace(weight=rows.put(torch.zeros_like(state.weight), new.weight)), KV(keys, values)
+
+
 def fill_layer(block: Block, hidden: Tensor, cos: Tensor, sin: Tensor, past: KV) -> KV:
     """The layer's cache for new tokens that have all halted: keys and values of their frozen state, the key and
     value rows of the layer's projection only."""
@@ -109,8 +149,13 @@ def empty_cache(model: PonderLM, batch: int) -> list[KV]:
 
 @torch.no_grad()
 def decode_step(model: PonderLM, input_ids: Tensor, past: Sequence[KV] | None = None,
-                attention_mask: Tensor | None = None, threshold: float | None = None) -> DecodeOutput:
-    """One step through the cache (see the module's docstring); ``past`` None is an empty cache (prefill)."""
+                attention_mask: Tensor | None = None, threshold: float | None = None,
+                compaction_cutoff: float | None = None) -> DecodeOutput:
+    """One step through the cache (see the module's docstring); ``past`` None is an empty cache (prefill).
+
+    A layer runs compacted (its running new tokens only, :func:`compacted_cached_layer`) as the scoring forward
+    chooses: when ``model.compaction`` is not "off" and the most running tokens in a row are at most
+    ``compaction_cutoff`` (default: the model's) of the new tokens. A step of one new token never compacts."""
     cfg = model.cfg
     b, t = input_ids.shape
     past = list(past) if past is not None else empty_cache(model, b)
@@ -123,16 +168,25 @@ def decode_step(model: PonderLM, input_ids: Tensor, past: Sequence[KV] | None = 
         attention_mask = torch.ones((b, total), dtype=torch.int64, device=input_ids.device)
     threshold = model.dials.value("act_threshold") if threshold is None else model.dials["act_threshold"].check(
         threshold)
+    cutoff = model.compaction_cutoff if compaction_cutoff is None else compaction_cutoff
+    compacting = model.compaction != "off" and t > 1  # one new token: nothing to compact
     cos, sin, mask = decode_tables(attention_mask, t, cfg.d_model // cfg.n_heads, model.dials.value("rope_base"),
                                    cfg.n_heads, cfg.n_local_heads, model.dials["attn_window"].as_int())
     state = model.halting.init_state(model.embed(input_ids))
     present, layers = [], 0
     for i, block in enumerate(model.blocks):
-        if i == 0 or not bool(state.halted.all()):
-            state, kv = cached_layer(block, model.halting, state, i, threshold, cos, sin, mask, past[i])
-            layers = i + 1
-        else:
+        most = int((~state.halted).sum(1).max())
+        if i > 0 and most == 0:
             kv = fill_layer(block, state.hidden, cos, sin, past[i])
+        else:
+            # the share in float32, as the exported graph computes it, so both choose alike at the cutoff
+            share = torch.tensor(most, dtype=torch.float32) / t
+            if i > 0 and compacting and bool(share <= torch.tensor(cutoff, dtype=torch.float32)):
+                rows = decode_rows(state.halted, most, mask)
+                state, kv = compacted_cached_layer(block, model.halting, state, i, threshold, cos, sin, rows, past[i])
+            else:
+                state, kv = cached_layer(block, model.halting, state, i, threshold, cos, sin, mask, past[i])
+            layers = i + 1
         present.append(kv)
     logits = model.head(model.norm_final(state.output))
     return DecodeOutput(logits, present, state.depth.to(torch.int64), layers)

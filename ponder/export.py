@@ -124,44 +124,57 @@ def check_parity(model: PonderLM, path: Path, samples: list[Tensor], thresholds:
     return checks
 
 
-def check_decode(model: PonderLM, path: Path, samples: list[Tensor],
-                 thresholds: tuple[float, ...] = CHECK_THRESHOLDS) -> list[dict[str, Any]]:
+def check_decode(model: PonderLM, path: Path, samples: list[Tensor], thresholds: tuple[float, ...] = CHECK_THRESHOLDS,
+                 cutoffs: tuple[float | None, ...] = (None,)) -> list[dict[str, Any]]:
     """The decode graph at ``path`` against ``ponder.decode.decode_step``: a prefill of each sample's first half,
-    then one token per step through the cache (every row at once), at each threshold. Raises ExportError on a
-    mismatch of logits (beyond LOGITS_TOLERANCE), token depths or layers executed."""
-    import numpy as np
-
-    from ponder.decode import decode_step
-    from ponder.graph import cache_names
+    then one token per step through the cache (every row at once), at each threshold and, for a compacting graph,
+    each ``compaction_cutoff`` (0.0: the prefill dense, 1.0: compacted wherever a token has halted). Raises
+    ExportError on a mismatch of logits (beyond LOGITS_TOLERANCE), token depths or layers executed."""
+    from ponder.decode_graph import cache_names
 
     sess = session(path)
     names = [o.name for o in sess.get_outputs()]
     past_names, present_names = cache_names(model.cfg.n_layers)
-    cfg = model.cfg
     checks = []
-    for ids in samples:
-        b, t = ids.shape
-        cut = max(1, t // 2)
-        for threshold in thresholds:
-            past = None
-            cache = {n: np.zeros((b, cfg.n_heads, 0, cfg.d_model // cfg.n_heads), np.float32) for n in past_names}
-            for start, end in [(0, cut), *((i, i + 1) for i in range(cut, min(t, cut + 3)))]:
-                new = ids[:, start:end]
-                ref = decode_step(model, new, past, threshold=threshold)
-                past = ref.present
-                feed = {"input_ids": new.numpy(), "attention_mask": np.ones((b, end), np.int64),
-                        "act_threshold": np.array(threshold, dtype=np.float32), **cache}
-                out = dict(zip(names, sess.run(None, feed), strict=True))
-                cache = {p: out[q] for p, q in zip(past_names, present_names, strict=True)}
-                diff = float(np.abs(out["logits"] - ref.logits.numpy()).max())
-                check = {"graph": "decode", "shape": list(new.shape), "past": start, "threshold": threshold,
-                         "max_logit_diff": diff, "layers_executed": int(out["layers_executed"]),
-                         "torch_layers_executed": ref.layers_executed,
-                         "depth_equal": bool((out["token_depth"] == ref.depth.numpy()).all())}
-                checks.append(check)
-                if (diff > LOGITS_TOLERANCE or check["layers_executed"] != ref.layers_executed
-                        or not check["depth_equal"]):
-                    raise ExportError(f"the decode graph disagrees with PyTorch ({_describe(model)}): {check}")
+    saved = model.compaction
+    try:
+        for ids, cutoff, threshold in ((i, c, t) for i in samples for c in cutoffs for t in thresholds):
+            model.compaction = "off" if cutoff is None else "auto"
+            checks += _decode_run(model, sess, names, past_names, present_names, ids, cutoff, threshold)
+    finally:
+        model.compaction = saved
+    return checks
+
+
+def _decode_run(model: PonderLM, sess: Any, names: list[str], past_names: list[str], present_names: list[str],
+                ids: Tensor, cutoff: float | None, threshold: float) -> list[dict[str, Any]]:
+    import numpy as np
+
+    from ponder.decode import decode_step
+
+    cfg = model.cfg
+    b, t = ids.shape
+    cut = max(1, t // 2)
+    past, checks = None, []
+    cache = {n: np.zeros((b, cfg.n_heads, 0, cfg.d_model // cfg.n_heads), np.float32) for n in past_names}
+    for start, end in [(0, cut), *((i, i + 1) for i in range(cut, min(t, cut + 3)))]:
+        new = ids[:, start:end]
+        ref = decode_step(model, new, past, threshold=threshold, compaction_cutoff=cutoff)
+        past = ref.present
+        feed = {"input_ids": new.numpy(), "attention_mask": np.ones((b, end), np.int64),
+                "act_threshold": np.array(threshold, dtype=np.float32), **cache}
+        if cutoff is not None:
+            feed["compaction_cutoff"] = np.array(cutoff, dtype=np.float32)
+        out = dict(zip(names, sess.run(None, feed), strict=True))
+        cache = {p: out[q] for p, q in zip(past_names, present_names, strict=True)}
+        diff = float(np.abs(out["logits"] - ref.logits.numpy()).max())
+        check = {"graph": "decode", "shape": list(new.shape), "past": start, "threshold": threshold,
+                 "compaction_cutoff": cutoff, "max_logit_diff": diff, "layers_executed": int(out["layers_executed"]),
+                 "torch_layers_executed": ref.layers_executed,
+                 "depth_equal": bool((out["token_depth"] == ref.depth.numpy()).all())}
+        checks.append(check)
+        if diff > LOGITS_TOLERANCE or check["layers_executed"] != ref.layers_executed or not check["depth_equal"]:
+            raise ExportError(f"the decode graph disagrees with PyTorch ({_describe(model)}): {check}")
     return checks
 
 
@@ -248,9 +261,9 @@ def export_model(model: PonderLM, path: str | Path, *, metadata: dict[str, Any] 
             folded = fold_norms(model) if fold else copy.deepcopy(model).eval()
             onnx.save(build(folded, compaction, cutoff, opset, unrolled=unrolled), str(staged))
             if decode:
-                from ponder.graph import build_decode
+                from ponder.decode_graph import build_decode
 
-                onnx.save(build_decode(folded, opset), str(decode_path(staged)))
+                onnx.save(build_decode(folded, opset, cutoff), str(decode_path(staged)))
         except Exception as exc:  # the exporter's own errors are long; keep the cause, name the plugins
             summary = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"could not export the model ({_describe(model)}): {type(exc).__name__}: "
@@ -264,7 +277,7 @@ def export_model(model: PonderLM, path: str | Path, *, metadata: dict[str, Any] 
         if decode:
             _finish(decode_path(staged), {**_metadata(model), "graph": "decode", **(metadata or {})})
             if check:
-                checks += check_decode(model, decode_path(staged), samples)
+                checks += check_decode(model, decode_path(staged), samples, cutoffs=cutoffs)
             os.replace(decode_path(staged), decode_path(path))
         os.replace(staged, path)
     return ExportReport(path, opset, checks, time.perf_counter() - started)

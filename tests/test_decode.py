@@ -111,6 +111,24 @@ def test_generation_past_the_context_prefills_the_last_half_again(threshold):
         context.append(token.token_id)
 
 
+def test_a_prefill_compacts_as_the_scoring_forward_does_and_computes_the_same(monkeypatch):
+    import ponder.decode as decode
+
+    model = tiny("dyt", "pondernet", seed=7)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(7))
+    ran = []
+    real = decode.compacted_cached_layer
+    monkeypatch.setattr(decode, "compacted_cached_layer", lambda *a, **k: ran.append(a[3]) or real(*a, **k))
+    compacted = decode_step(model, ids, threshold=0.5, compaction_cutoff=1.0)  # wherever a token has halted
+    assert ran  # the running tokens only, in some layer
+    model.compaction = "off"
+    dense = decode_step(model, ids, threshold=0.5)
+    assert torch.allclose(compacted.logits, dense.logits, atol=1e-4)
+    assert torch.equal(compacted.depth, dense.depth) and compacted.layers_executed == dense.layers_executed
+    for a, b in zip(compacted.present, dense.present, strict=True):  # the cache holds every new token either way
+        assert torch.allclose(a.key, b.key, atol=1e-5) and torch.allclose(a.value, b.value, atol=1e-5)
+
+
 def test_a_prompt_longer_than_the_context_is_refused():
     model = tiny()
     with pytest.raises(ConfigError, match="max_seq_len 24"):

@@ -64,8 +64,10 @@ def test_parity_for_every_norm_and_halting_plugin(tmp_path, norm, halting):
     decoding = [c for c in report.checks if c.get("graph") == "decode"]
     assert len(scoring) == 3 * 3 * 4  # three shapes (dynamic batch and length) x three cutoffs x four thresholds
     assert {c["compaction_cutoff"] for c in scoring} == {0.0, 1.0, DEFAULT_COMPACTION_CUTOFF}
-    # the decode graph: per shape a prefill of half and three steps through the cache, at four thresholds
-    assert len(decoding) == 3 * 4 * 4 and {c["past"] > 0 for c in decoding} == {True, False}
+    # the decode graph: per shape a prefill of half and three steps through the cache, at four thresholds and the
+    # three cutoffs (dense, compacted wherever a token halted, the default)
+    assert len(decoding) == 3 * 4 * 4 * 3 and {c["past"] > 0 for c in decoding} == {True, False}
+    assert {c["compaction_cutoff"] for c in decoding} == {0.0, 1.0, DEFAULT_COMPACTION_CUTOFF}
     assert all(c["max_logit_diff"] <= 1e-4 and c["depth_equal"] for c in report.checks)
     assert all(c["layers_executed"] == c["torch_layers_executed"] for c in report.checks)
     full = [c for c in report.checks if c["threshold"] == 1.0]
