@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ponder.errors import PonderError
-from ponder.generation import SamplingParams
+from ponder.generation import SamplingParams, add_sampling_arguments, sampling_from_args
 from ponder.limits import BENCH_THRESHOLDS
 from ponder.model_repository import STAGING_PREFIX, check_model_name, is_version_folder, model_path, versions
 
@@ -48,7 +48,7 @@ class DemoOptions:
     requests: int = 100          # timed requests per threshold (validation sequences, batch 1)
     warmup: int = 5
     prompt: str = "The return statement"
-    tokens: int = 32
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=32))  # greedy
     progress: bool = True
 
 
@@ -60,6 +60,9 @@ def run_demo(o: DemoOptions, say: Callable[[str], None] = print) -> dict[str, An
     if o.steps is not None and o.steps < 1:
         raise PonderError(f"--steps must be >= 1, got {o.steps}")
     check_model_name(o.name, "--name")  # the name `ponder export` writes and `ponder serve` serves
+    if not o.prompt:
+        raise PonderError("--prompt is empty; give the text the generation starts from")
+    o.sampling.check()
     from ponder.config import load_config
 
     run = load_config(o.config) if o.config else load_config(preset=o.preset)  # checked before anything is removed
@@ -183,7 +186,8 @@ def _serve_and_measure(o: DemoOptions, ckpt: Path, version: str, say: Callable[[
     return {"model": o.name, "version": version, "checkpoint": str(ckpt), "via": "grpc", "address": address,
             "server_pid": proc.pid, "server_exit_status": proc.returncode, "n_layers": runner.n_layers,
             "seq_len": rows.shape[1] - 1, "sequences": len(rows), "text": text, "concurrency": 1,
-            "requests": o.requests, "warmup": o.warmup, "machine": machine(), "rows": results, "samples": samples}
+            "requests": o.requests, "warmup": o.warmup, "machine": machine(), "rows": results, "samples": samples,
+            "sampling": _describe_sampling(o.sampling)}
 
 
 def _validation_rows(ckpt: Path) -> tuple[np.ndarray, str]:
@@ -207,7 +211,7 @@ def _sample(runner: Remote, o: DemoOptions, threshold: float) -> dict[str, Any]:
     from ponder.serve.client import ServerError
 
     try:
-        reply = runner.client.generate_once(o.name, o.prompt, sampling=SamplingParams(max_tokens=o.tokens),
+        reply = runner.client.generate_once(o.name, o.prompt, sampling=o.sampling,
                                             threshold=threshold, version=runner.version)
     except ServerError as exc:
         return {"threshold": threshold, "skipped": str(exc)}
@@ -217,6 +221,14 @@ def _sample(runner: Remote, o: DemoOptions, threshold: float) -> dict[str, Any]:
             "first_token_ms": reply.params["first_token_ms"],
             "tokens_per_s": (len(depths) - 1) / max((reply.params["total_compute_ms"] - reply.params["first_token_ms"])
                                                     / 1e3, 1e-9)}
+
+
+def _describe_sampling(p: SamplingParams) -> str:
+    if p.greedy:
+        return "greedy"
+    parts = [f"temperature {p.temperature:g}"] + ([f"top_k {p.top_k}"] if p.top_k else []) + \
+        ([f"top_p {p.top_p:g}"] if p.top_p < 1 else []) + ([f"seed {p.seed}"] if p.seed is not None else [])
+    return "sampled (" + ", ".join(parts) + ")"
 
 
 @contextlib.contextmanager
@@ -262,8 +274,8 @@ def _print_summary(report: dict[str, Any], say: Callable[[str], None]) -> None:
     made = [s for s in report["samples"] if "text" in s]
     if made:
         say("")
-        say(f"generation through the KV cache (decode.onnx), greedy, {len(made[0]['token_depth'])} tokens after "
-            f"{made[0]['prompt']!r}:")
+        say(f"generation through the KV cache (decode.onnx), {report.get('sampling', 'greedy')}, "
+            f"{len(made[0]['token_depth'])} tokens after {made[0]['prompt']!r}:")
         say(f"{'threshold':>9} {'depth':>6} {'first ms':>8} {'tokens/s':>9}  text")
         for s in made:
             depths = s["token_depth"]
@@ -303,6 +315,9 @@ def add_parser(commands: Any) -> None:
     de.add_argument("--requests", "-n", type=int, default=100, metavar="N",
                     help="timed requests per threshold (default: 100)")
     de.add_argument("--warmup", type=int, default=5, metavar="N", help="untimed requests per threshold (default: 5)")
+    de.add_argument("--prompt", default="The return statement",
+                    help="what the generation at each threshold starts from (default: %(default)r)")
+    add_sampling_arguments(de)
     de.add_argument("--no-progress", action="store_true", help="no progress bars")
     de.set_defaults(handler=_command)
 
@@ -310,6 +325,7 @@ def add_parser(commands: Any) -> None:
 def _command(args: argparse.Namespace) -> int:
     options = DemoOptions(run_dir=args.run_dir, repository=args.repository, name=args.name, preset=args.preset,
                           config=args.config, steps=args.steps, fresh=args.fresh, thresholds=args.thresholds,
-                          requests=args.requests, warmup=args.warmup, progress=not args.no_progress)
+                          requests=args.requests, warmup=args.warmup, progress=not args.no_progress,
+                          prompt=args.prompt, sampling=sampling_from_args(args))
     run_demo(options, say=lambda line: print(line, flush=True))
     return 0

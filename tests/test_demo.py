@@ -126,6 +126,8 @@ def test_fresh_with_a_bad_config_deletes_nothing(tmp_path):
 def test_demo_bad_input_is_refused_before_any_work(tmp_path):
     proc = run_ponder("demo", "--run-dir", str(tmp_path / "run"), "-t", "0", check=False)
     assert proc.returncode == 2 and "--thresholds: 0.0 is outside (0, 1]" in proc.stderr
+    proc = run_ponder("demo", "--run-dir", str(tmp_path / "run"), "--top-p", "0", check=False)
+    assert proc.returncode == 2 and "--top-p = 0.0 is outside (0, 1]" in proc.stderr
     proc = run_ponder("demo", "--run-dir", str(tmp_path / "run"), "--steps", "0", check=False)
     assert proc.returncode == 2 and "--steps must be >= 1" in proc.stderr
     assert not (tmp_path / "run").exists()
