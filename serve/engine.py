@@ -168,8 +168,8 @@ class Engine:
         """A PonderError unless this model can generate (it was exported with its decode graph)."""
         if not self.can_generate:
             raise PonderError(f"{str(self.path)!r} was exported without its decode graph (decode.onnx), which "
-                              "generation runs on; export the checkpoint again with ponder 0.1 or later (without "
-                              "--no-decode)")
+                              "generation runs on; export the checkpoint again with `ponder export` (without "
+                              "--no-decode), which writes it beside the model")
 
     def decode_step(self, new_ids: list[int], past: list[np.ndarray] | None, threshold: float) -> Step:
         """One step of the decode graph for one sequence: the new tokens after ``past`` (None: an empty cache)."""

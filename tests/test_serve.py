@@ -166,6 +166,26 @@ def test_tritonclient_generates_text_unary_and_streamed(server, engine):
     assert params[-1]["finish_reason"].string_param == "length"
 
 
+def test_generation_on_a_model_without_its_decode_graph_says_how_to_export_it(tmp_path, model_repository):
+    import shutil
+
+    shutil.copytree(model_repository / "tiny" / "1", tmp_path / "old" / "1")
+    (tmp_path / "old" / "1" / "decode.onnx").unlink()  # as exported with --no-decode
+    srv, port = create_server(tmp_path, "127.0.0.1:0", workers=1)
+    srv.start()
+    try:
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        with pytest.raises(Exception) as refused:
+            client.infer("old", triton_text(PROMPT, {"max_tokens": 2}))
+        assert "INVALID_ARGUMENT" in str(refused.value) and "without its decode graph" in str(refused.value)
+        assert "ponder export" in str(refused.value)
+        assert client.infer("old", [triton_ids(ids_of())]).as_numpy("logits").shape[:2] == (1, len(PROMPT))
+        config = client.get_model_config("old").config
+        assert config.parameters["generation"].string_value == "none: exported without its decode graph"
+    finally:
+        srv.drain(grace=1)
+
+
 def test_sampling_is_seeded_and_stop_strings_end_generation_over_the_server(server, engine):
     from ponder.generation import SamplingParams
 
@@ -179,11 +199,12 @@ def test_sampling_is_seeded_and_stop_strings_end_generation_over_the_server(serv
     assert other != first
     greedy = engine.generate(PROMPT.decode(), SamplingParams(max_tokens=12))
     text = bytes(greedy["token_ids"])
-    stop = text[4:6].decode("latin-1")
-    if all(ord(c) < 128 for c in stop):
-        result = client.infer("tiny", triton_text(PROMPT, {"max_tokens": 12, "stop": [stop]}, exclude_input=True))
-        assert result.as_numpy("text_output")[0] == text.split(stop.encode())[0]
-        assert result.get_response().parameters["finish_reason"].string_param == "stop"
+    ascii_bytes = [b for b in text[2:] if b < 128]  # a stop string is text: pick one the model writes
+    assert ascii_bytes, text
+    stop = chr(ascii_bytes[0])
+    result = client.infer("tiny", triton_text(PROMPT, {"max_tokens": 12, "stop": [stop]}, exclude_input=True))
+    assert result.as_numpy("text_output")[0] == text.split(stop.encode())[0]
+    assert result.get_response().parameters["finish_reason"].string_param == "stop"
     top1 = client.infer("tiny", triton_text(PROMPT, {"max_tokens": 12, "temperature": 5, "top_k": 1, "seed": 9},
                                             exclude_input=True))
     assert top1.as_numpy("token_ids").tolist() == greedy["token_ids"]
