@@ -99,7 +99,7 @@ def _number(value: Any, key: str, kind: type) -> Any:
         raise ConfigError(f"{key} = {value!r} is not a number")
     try:
         number = float(value) if kind is float else int(str(value), 10) if isinstance(value, str) else value
-    except ValueError:
+    except (TypeError, ValueError, OverflowError):  # null, a list, an object, text that is no number
         raise ConfigError(f"{key} = {value!r} is not a{'n integer' if kind is int else ' number'}") from None
     if kind is int and (isinstance(number, float) or not isinstance(number, int)):
         if isinstance(number, float) and number.is_integer():
@@ -113,11 +113,13 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     temperature-scaled distribution cut to ``top_k`` and then to ``top_p``."""
     if params.greedy:
         return int(np.argmax(logits))
-    z = np.asarray(logits, dtype=np.float64) / params.temperature
+    x = np.asarray(logits, dtype=np.float64)
+    with np.errstate(over="ignore"):  # a tiny temperature sends the others to -inf: probability 0, as it should
+        z = (x - x.max()) / params.temperature  # <= 0, so exp never overflows
     order = np.argsort(-z, kind="stable")  # most likely first; ties by token id
     if 0 < params.top_k < z.size:
         order = order[: params.top_k]
-    probs = np.exp(z[order] - z[order[0]])
+    probs = np.exp(z[order])
     probs /= probs.sum()
     if params.top_p < 1.0:  # the smallest head whose mass reaches top_p (at least one token)
         keep = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1

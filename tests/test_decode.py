@@ -156,6 +156,12 @@ def test_the_same_seed_gives_the_same_text_and_another_seed_another():
     assert len({tuple(text(s)) for s in range(4)}) > 1
 
 
+def test_a_tiny_temperature_is_the_argmax_not_nan():
+    rng = np.random.default_rng(2)
+    logits = np.array([1.0, 3.0, 2.0, 3.0 - 1e-6], dtype=np.float32)
+    assert {sample(logits, SamplingParams(temperature=1e-300), rng) for _ in range(20)} == {1}
+
+
 def test_top_k_and_top_p_keep_only_the_head_of_the_distribution():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     rng = np.random.default_rng(1)
@@ -207,6 +213,10 @@ def test_generation_stops_at_a_stop_string_which_is_not_output():
     ("[1, 2]", "must be a JSON object"),
     ("{not json", "not valid JSON"),
     ({"max_tokens": "many"}, "max_tokens = 'many' is not an integer"),
+    ({"temperature": None}, "temperature = None is not a number"),
+    ({"top_p": [0.5]}, "top_p = \\[0.5\\] is not a number"),
+    ({"top_k": {"k": 1}}, "top_k = \\{'k': 1\\} is not an integer"),
+    ({"stop": [1, 2]}, "stop = \\[1, 2\\] must be non-empty strings"),
 ])
 def test_bad_sampling_parameters_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message):
