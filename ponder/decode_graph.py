@@ -45,31 +45,24 @@ class DecodePrologue(nn.Module):
 
 
 class _CachedStep(nn.Module):
-    def __init__(self, model: PonderLM, block: nn.Module) -> None:
+    """One layer's full step through the cache, dense or (``compact``) on the running new tokens only."""
+
+    def __init__(self, model: PonderLM, block: nn.Module, compact: bool) -> None:
         super().__init__()
-        self.block, self.halting = block, model.halting
+        self.block, self.halting, self.compact = block, model.halting, compact
 
     def forward(self, halted, cum, depth, output, hidden, layers, cos, sin, mask, act_threshold, layer, past_key,
                 past_value):
         state = HaltState(halted, cum, depth, output, hidden, cum, cum)
-        new, kv = cached_layer(self.block, self.halting, state, layer, act_threshold, cos, sin, mask,
-                               KV(past_key, past_value))
-        return new.halted, new.cum, new.depth, new.output, new.hidden, layers + 1, kv.key, kv.value
-
-
-class _CompactedStep(nn.Module):
-    def __init__(self, model: PonderLM, block: nn.Module) -> None:
-        super().__init__()
-        self.block, self.halting = block, model.halting
-
-    def forward(self, halted, cum, depth, output, hidden, layers, cos, sin, mask, act_threshold, layer, past_key,
-                past_value):
-        state = HaltState(halted, cum, depth, output, hidden, cum, cum)
-        n = (~halted).sum(1).max().item()  # the most running new tokens in a row: rows per batch row
-        torch._check(n >= 1)
-        torch._check(n <= halted.shape[1])
-        new, kv = compacted_cached_layer(self.block, self.halting, state, layer, act_threshold, cos, sin,
-                                         decode_rows(halted, n, mask), KV(past_key, past_value))
+        past = KV(past_key, past_value)
+        if self.compact:
+            n = (~halted).sum(1).max().item()  # the most running new tokens in a row: rows per batch row
+            torch._check(n >= 1)
+            torch._check(n <= halted.shape[1])
+            new, kv = compacted_cached_layer(self.block, self.halting, state, layer, act_threshold, cos, sin,
+                                             decode_rows(halted, n, mask), past)
+        else:
+            new, kv = cached_layer(self.block, self.halting, state, layer, act_threshold, cos, sin, mask, past)
         return new.halted, new.cum, new.depth, new.output, new.hidden, layers + 1, kv.key, kv.value
 
 
@@ -132,11 +125,11 @@ def decode_pieces(model: PonderLM, opset: int, compaction: bool = False) -> dict
     step_args = (*pro_out, torch.tensor(0.9), torch.tensor(1, dtype=torch.int64), past, past.clone(), *weights)
     step_shapes = [tuple(state_shapes + table_shapes + [None, None, cache, cache] + [None] * len(weights))]
     step_outputs = [f"next_{s}" for s in STATE] + ["key", "value"]
-    step = _trace(_Weighted(_CachedStep(model, template), template, len(step_names)), step_args,
+    step = _trace(_Weighted(_CachedStep(model, template, False), template, len(step_names)), step_args,
                   step_names + weight_names, step_outputs, step_shapes, opset)
     compacted = choice = None
     if compaction:
-        compacted = _trace(_Weighted(_CompactedStep(model, template), template, len(step_names)), step_args,
+        compacted = _trace(_Weighted(_CachedStep(model, template, True), template, len(step_names)), step_args,
                            step_names + weight_names, step_outputs, step_shapes, opset)
         choice = _trace(Choice(), (pro_out[0], torch.tensor(0.5)), ["halted", "compaction_cutoff"],
                         ["compacted", "dense"], {"halted": {0: auto, 1: auto}, "compaction_cutoff": None}, opset)

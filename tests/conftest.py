@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import TINY_TUNER
 
 DISTS = Path(__file__).parent / "plugin_dists"
 
@@ -86,3 +87,35 @@ def _build_model_repository(root: Path, elsewhere: Path) -> None:
     (root / "broken" / "1" / "model.onnx").write_bytes(b"this is not an ONNX model")
     shutil.copytree(first, elsewhere / "1")
     (root / "outside").symlink_to(elsewhere, target_is_directory=True)
+
+
+# -- the tuner's tests (tests/test_tune.py, tests/test_tune_workers.py) ------------------------------------------
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tuner's tests (pytestmark): tiny matrices on busy cores, where one intra-op thread is several times
+    faster than two fighting."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The tuner's tests: a short text file of the embedded corpus."""
+    from ponder.data import embedded_corpus
+
+    path = tmp_path_factory.mktemp("tune") / "corpus.txt"
+    path.write_text(embedded_corpus()[:12_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaders(corpus):
+    """The tuner's tests: train and validation loaders over ``corpus``."""
+    from ponder.tune import make_loaders
+
+    return make_loaders(corpus, batch_size=4, n_seq=TINY_TUNER["n_seq"])

@@ -84,3 +84,14 @@ def servers_on(repository: Path) -> list[int]:
         if b"serve" in cmdline and str(repository).encode() in cmdline:
             found.append(int(proc.name))
     return found
+
+
+# the tuner's tests: a model small enough to train twice in a second
+TINY_TUNER = {"d_model": 16, "n_layers": 3, "n_seq": 16}
+
+
+def tiny_tuner(vocab_size):
+    from ponder.tune import ACTHyperparameterTuner
+
+    return ACTHyperparameterTuner(vocab_size, TINY_TUNER["d_model"], TINY_TUNER["n_layers"], TINY_TUNER["n_seq"],
+                                  max_steps=2, max_eval_batches=2)
