@@ -46,8 +46,10 @@ class ExportError(PonderError):
 
 def fold_norms(model: PonderLM) -> PonderLM:
     """A copy of ``model`` with the affine of every foldable norm (``ponder.contracts.norms.FoldableNorm``: DyT,
-    ADyT, and any third-party norm that declares it) folded into the linear layer the norm feeds."""
+    ADyT, and any third-party norm that declares it) folded into the linear layer the norm feeds, and the
+    embedding's learnable scale (if any) folded into its table."""
     model = copy.deepcopy(model).eval()
+    model.embed = model.embed.folded()
     for block in model.blocks:
         block.norm_attn, block.attn.qkv = fold_into(block.norm_attn, block.attn.qkv)
         block.norm_ffn, block.mlp[0] = fold_into(block.norm_ffn, block.mlp[0])

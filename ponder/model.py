@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ponder import registry
 from ponder.config import ModelConfig, PluginSpec, RunConfig
 from ponder.contracts.halting import HaltState
+from ponder.contracts.norms import INIT_STD, wants_embedding_scale
 from ponder.dials import Dial, Dials
 from ponder.limits import THRESHOLD_HIGH, THRESHOLD_LOW
 
@@ -82,6 +83,36 @@ class Rows(NamedTuple):
         """A per-position table ``[T, k]`` (RoPE) at the rows: ``[B, 1, n, k]``."""
         b, n = self.pos.shape
         return x.index_select(0, self.pos.reshape(-1)).view(b, 1, n, x.shape[-1])
+
+
+class TokenEmbedding(nn.Embedding):
+    """Token embeddings, times a learnable scalar ``scale`` when the model has one (norms that keep their input's
+    scale, :class:`~ponder.contracts.norms.KeepsInputScale`): ``scale`` starts at ``sqrt(d_model)``, as in the DyT
+    paper's LLaMA models. Without it the module is a plain embedding with the same state-dict key (``weight``)."""
+
+    def __init__(self, vocab_size: int, d_model: int, scaled: bool = False) -> None:
+        super().__init__(vocab_size, d_model)
+        self.scale = nn.Parameter(torch.tensor(d_model ** 0.5)) if scaled else None
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        x = super().forward(input_ids)
+        return x if self.scale is None else x * self.scale
+
+    def folded(self) -> nn.Embedding:
+        """A plain embedding computing the same (``weight * scale``): what export puts in the graph."""
+        plain = nn.Embedding(self.num_embeddings, self.embedding_dim, device=self.weight.device,
+                             dtype=self.weight.dtype)
+        with torch.no_grad():
+            plain.weight.copy_(self.weight if self.scale is None else self.weight * self.scale)
+        return plain
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # a checkpoint written before embeddings were scaled computes x * 1
+        if self.scale is not None and prefix + "scale" not in state_dict and prefix + "weight" in state_dict:
+            state_dict[prefix + "scale"] = torch.ones(())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 class Attention(nn.Module):
@@ -178,9 +209,11 @@ class PonderLM(nn.Module):
         self.cfg = cfg
         self.norm_spec = norm or PluginSpec("layernorm")
         self.halting_spec = halting or PluginSpec("act")
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = TokenEmbedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, self.norm_spec) for _ in range(cfg.n_layers))
         self.norm_final = make_norm(self.norm_spec, cfg.d_model, "final")
+        if wants_embedding_scale(self.norm_final):
+            self.embed.scale = nn.Parameter(torch.tensor(cfg.d_model ** 0.5))
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.compaction = "auto"  # in eval: run a layer on its running tokens only ("on", "auto", "off")
         self.compaction_cutoff = DEFAULT_COMPACTION_CUTOFF
@@ -269,7 +302,7 @@ def _token_ce(logits: Tensor, targets: Tensor) -> Tensor:
 
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
+        nn.init.normal_(module.weight, std=INIT_STD)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
 

@@ -30,15 +30,19 @@ def tiny(norm: str, halting: str, seed: int = 0) -> PonderLM:
     """A small model with its parameters spread out, so tokens halt at different depths and folding matters."""
     torch.manual_seed(seed)
     params = {} if halting == "fixed" else {"bias_init": 2.0}  # most tokens halt after layer 1 at low thresholds
+    # DyT and ADyT at alpha 0.5 rather than their width-32 default (8.84): inputs spread over tanh's S, not its tails
+    norm_params = {"alpha_init_value": 0.5} if norm in ("dyt", "adyt") else {}
     model = PonderLM(ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, n_local_heads=1, d_ff=64,
                                  max_seq_len=32, attn_window=6.0, act_threshold=0.9),
-                     norm=PluginSpec(norm), halting=PluginSpec(halting, params))
+                     norm=PluginSpec(norm, norm_params), halting=PluginSpec(halting, params))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.3)
         if halting != "fixed":  # halting units that tell tokens apart: they halt at different depths per row
             model.halting.weight.normal_(0.0, 5.0)
+        if model.embed.scale is not None:  # DyT's embedding scale, at a trained-looking value export must fold in
+            model.embed.scale.fill_(1.3)
     return model.eval()
 
 
@@ -138,6 +142,10 @@ def test_dyt_affine_is_folded_into_the_next_linear(norm):
     assert type(folded.blocks[0].norm_attn).__name__ == "ScaledTanh"
     assert type(folded.norm_final).__name__ == "ScaledTanh"
     assert folded.blocks[0].attn.qkv.bias is not None  # the norm's shift moved here
+    assert model.embed.scale is not None and type(folded.embed) is nn.Embedding  # the embedding scale folded in
+    with torch.no_grad():
+        model.embed.scale.mul_(1.7)  # a trained scale, not the initial sqrt(d_model)
+    folded = fold_norms(model)
     ids = samples()[0]
     with torch.no_grad():
         a = model(ids, threshold=0.9)

@@ -198,7 +198,9 @@ def test_new_norms_train_inside_the_ponder_model(tmp_path, norm):
     cfg.write_text(cfg.read_text() + extra)
     trainer = Trainer(load_config(cfg), tmp_path / "run", progress=False)
     assert trainer.model.norm_final.alpha_init_value == 0.2
-    assert trainer.model.blocks[0].norm_attn.alpha_init_value == 0.5
+    # unset: chosen by width, alpha * std(stream at init) = 1 (width 32: 1 / (0.02 * sqrt(32)))
+    assert trainer.model.blocks[0].norm_attn.alpha_init_value == pytest.approx(8.84)
+    assert float(trainer.model.embed.scale) == pytest.approx(32 ** 0.5)  # the DyT LLaMA recipe's embedding scale
     before = trainer.validate()["loss"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # ADyT is updated without the user adding anything
@@ -222,7 +224,7 @@ def test_analyze_norms_and_alphas_cli(tmp_path):
     assert len(report["layers"]) == 7  # 3 layers x (attn, ffn) + final
     first = report["layers"][0]
     assert first["r2_tanh"] > 0.999  # a DyT layer with its affine removed is exactly tanh(alpha x)
-    assert first["alpha"] == pytest.approx(0.5, rel=0.05)
+    assert first["alpha"] == pytest.approx(8.84, rel=0.05)  # the width-32 default (language_model_alpha)
     assert "blocks.0.norm_attn" in proc.stdout
     assert (tmp_path / "an" / "norm_curves.png").read_bytes()[:4] == b"\x89PNG"
     proc = run_ponder("analyze", "alphas", str(tmp_path / "run"))
@@ -246,3 +248,25 @@ def test_analyze_norms_on_any_python_model(tmp_path):
     report = analyze_norms(model, lambda: model(x), tmp_path)
     assert [layer["layer"] for layer in report["layers"]] == [
         "layers.0.norm1", "layers.0.norm2", "layers.1.norm1", "layers.1.norm2", "norm"]
+
+
+def test_the_embedding_scale_follows_the_norm_and_old_checkpoints_still_load():
+    from ponder.config import ModelConfig, PluginSpec
+    from ponder.model import PonderLM
+
+    cfg = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, n_local_heads=1, d_ff=64, max_seq_len=16,
+                      attn_window=8.0)
+    assert PonderLM(cfg, norm=PluginSpec("layernorm")).embed.scale is None  # LayerNorm rescales by itself
+    torch.manual_seed(0)
+    model = PonderLM(cfg, norm=PluginSpec("dyt")).eval()
+    assert float(model.embed.scale) == pytest.approx(32 ** 0.5)
+    # a DyT checkpoint written before the scale existed computed embed(x) * 1: it loads and computes the same
+    old = {k: v for k, v in model.state_dict().items() if k != "embed.scale"}
+    before = model(torch.arange(8)[None]).logits
+    fresh = PonderLM(cfg, norm=PluginSpec("dyt")).eval()
+    fresh.load_state_dict(old)
+    assert float(fresh.embed.scale) == 1.0
+    with torch.no_grad():
+        model.embed.scale.fill_(1.0)
+    assert torch.allclose(fresh(torch.arange(8)[None]).logits, model(torch.arange(8)[None]).logits)
+    assert not torch.allclose(before, model(torch.arange(8)[None]).logits)  # the scale does change the answer

@@ -21,7 +21,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ponder.contracts.norms import FoldableNorm, NeedsController  # noqa: F401  (the capabilities implemented here)
+from ponder.contracts.norms import (  # noqa: F401  (the capabilities implemented here)
+    FoldableNorm,
+    KeepsInputScale,
+    NeedsController,
+    stream_std_at_init,
+)
 
 # A model that ran this many training forwards without a gradient-norm update is warned about.
 _UNUPDATED_FORWARDS_WARNING = 50
@@ -63,6 +68,8 @@ class DynamicTanh(nn.Module):
         self.alpha = nn.Parameter(torch.full((1,), float(alpha_init_value)))
         self.weight = nn.Parameter(torch.ones(self.normalized_shape))
         self.bias = nn.Parameter(torch.zeros(self.normalized_shape)) if bias else None
+
+    keeps_input_scale = True  # no statistics: ponder's language model scales its embeddings for it
 
     def current_alpha(self) -> Tensor:
         return self.alpha
@@ -191,33 +198,53 @@ def update_adyt_grad_norms(model: nn.Module) -> int:
     return len(updated)
 
 
-def dyt(num_features: int, position: str = "attn", alpha_init_value: float = 0.5, bias: bool = True) -> nn.Module:
+def language_model_alpha(width: int, position: str) -> float:
+    """The ``alpha_init_value`` the ``dyt`` and ``adyt`` plugins use when none is given: ``1 / (0.02 sqrt(width))``
+    in a language model (``alpha * std(x) = 1`` for the residual stream of :func:`stream_std_at_init`: 4.42 at width
+    128, 0.78 at 4096 where the DyT paper's LLaMA-7B uses 0.8 before attention), 0.5 (the paper's default, for
+    vision) at ``conv``. Measured in docs/norms.md."""
+    if position == "conv":
+        return 0.5
+    return round(1.0 / stream_std_at_init(width), 2)
+
+
+def dyt(num_features: int, position: str = "attn", alpha_init_value: float | None = None,
+        bias: bool = True) -> nn.Module:
     """DynamicTanh: ``weight * tanh(alpha * x) + bias``, no statistics.
 
     Args:
         num_features: size of the channel dimension (supplied by ponder).
         position: where the norm sits: attn, ffn, final, or conv for channels-first features.
-        alpha_init_value: initial alpha; per position via [norm.positions.attn] etc. (DyT paper: e.g. 0.8/0.2/0.2).
+        alpha_init_value: initial alpha; unset: chosen by width (``language_model_alpha``: 4.42 at width 128).
+            Per position via [norm.positions.attn] etc.
         bias: learn a per-channel shift (the LLaMA variant drops it).
     """
-    return DynamicTanh(num_features, channels_last=position != "conv", alpha_init_value=alpha_init_value, bias=bias)
+    alpha = language_model_alpha(num_features, position) if alpha_init_value is None else alpha_init_value
+    return DynamicTanh(num_features, channels_last=position != "conv", alpha_init_value=alpha, bias=bias)
 
 
-def adyt(num_features: int, position: str = "attn", alpha_init_value: float = 0.5, lambda_factor: float = 0.1,
-         smooth_factor: float = 0.99, eps: float = 1e-6, alpha_min: float = 0.1, alpha_max: float = 2.0,
-         bias: bool = True) -> nn.Module:
+def adyt(num_features: int, position: str = "attn", alpha_init_value: float | None = None,
+         lambda_factor: float = 0.1, smooth_factor: float = 0.99, eps: float = 1e-6, alpha_min: float | None = None,
+         alpha_max: float | None = None, bias: bool = True) -> nn.Module:
     """Adaptive DyT: alpha follows the layer's smoothed gradient norm.
 
     Args:
         num_features: size of the channel dimension (supplied by ponder).
         position: where the norm sits: attn, ffn, final, or conv for channels-first features.
-        alpha_init_value: initial alpha0.
+        alpha_init_value: initial alpha0; unset: chosen by width, as for ``dyt``.
         lambda_factor: strength of the adjustment (lambda).
         smooth_factor: EMA factor of the gradient norm (beta).
         eps: keeps 1 / (eps + G) finite.
-        alpha_min: lower clip of the adapted alpha.
-        alpha_max: upper clip of the adapted alpha.
+        alpha_min: lower clip of the adapted alpha; unset: alpha0 / 5 (0.1 for alpha0 0.5, the reference's).
+        alpha_max: upper clip of the adapted alpha; unset: alpha0 * 4 (2.0 for alpha0 0.5, the reference's).
         bias: learn a per-channel shift.
     """
-    return AdaptiveDynamicTanh(num_features, position != "conv", alpha_init_value, lambda_factor, smooth_factor, eps,
-                               alpha_min, alpha_max, bias)
+    alpha = language_model_alpha(num_features, position) if alpha_init_value is None else alpha_init_value
+    low = alpha * ADYT_RANGE[0] if alpha_min is None else alpha_min
+    high = alpha * ADYT_RANGE[1] if alpha_max is None else alpha_max
+    return AdaptiveDynamicTanh(num_features, position != "conv", alpha, lambda_factor, smooth_factor, eps, low, high,
+                               bias)
+
+
+# the adapted alpha's clip range as multiples of alpha0 when unset: the reference's (0.1, 2.0) around its 0.5
+ADYT_RANGE = (0.2, 4.0)

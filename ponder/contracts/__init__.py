@@ -1,8 +1,8 @@
 """The contracts between ponder's core and its plugins, built-in and third-party alike.
 
 - :mod:`ponder.contracts.halting`: ``HaltingRule`` and ``HaltState`` (halting plugins).
-- :mod:`ponder.contracts.norms`: the norm factory, ``ChannelsFirst``, and the capabilities ``FoldableNorm`` and
-  ``NeedsController`` that export and the trainer look for (norm plugins).
+- :mod:`ponder.contracts.norms`: the norm factory, ``ChannelsFirst``, and the capabilities ``FoldableNorm``,
+  ``NeedsController`` and ``KeepsInputScale`` that export, the trainer and the model look for (norm plugins).
 - :mod:`ponder.contracts.controllers`: ``Controller``, ``TrainingEvent`` and the one ``dispatch`` (controller
   plugins). Torch-free.
 

@@ -5,8 +5,8 @@ where the norm sits (``attn``, ``ffn``, ``final`` in ponder's language model, or
 features ``[N, C, ...]``, which :class:`ChannelsFirst` adapts any last-dimension norm to). The module must be pure
 tensor maths so that it exports to ONNX. ``metrics() -> dict[str, float]``, if defined, is logged by the trainer.
 
-Two optional capabilities, each a method or attribute the norm defines; export, the trainer and the Hugging Face
-callback find them on any norm, built-in or third-party:
+Optional capabilities, each a method or attribute the norm defines; export, the model, the trainer and the Hugging
+Face callback find them on any norm, built-in or third-party:
 
 - :class:`FoldableNorm`: ``split_affine()`` returns the norm as ``core(x) * weight + bias``; export then folds
   ``weight`` and ``bias`` into the linear layer the norm feeds (``W' = W diag(weight)``, ``c' = W bias + c``)
@@ -14,6 +14,11 @@ callback find them on any norm, built-in or third-party:
 - :class:`NeedsController`: ``training_controller`` names a registered controller that must run while the norm
   trains (ADyT's gradient-norm update). The trainer and the callback add it when the config lists none of
   that name (:func:`required_controllers`).
+- :class:`KeepsInputScale`: ``keeps_input_scale = True`` says the norm computes no statistics, so its output scales
+  with its input (DyT, ADyT). Ponder's language model then multiplies its token embeddings by a learnable scalar
+  initialised to ``sqrt(d_model)`` (:func:`wants_embedding_scale`), as the DyT paper's LLaMA models do: the
+  residual stream starts at std ``INIT_STD * sqrt(d_model)`` instead of ``INIT_STD``, the scale such a norm's
+  defaults are chosen for (:func:`stream_std_at_init`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,28 @@ class NeedsController(Protocol):
     """A norm that trains correctly only while a controller runs (e.g. ``"adyt"``)."""
 
     training_controller: str
+
+
+INIT_STD = 0.02  # ponder's language model draws every embedding and linear weight from N(0, INIT_STD^2)
+
+
+def stream_std_at_init(d_model: int) -> float:
+    """The std of the residual stream that reaches a :class:`KeepsInputScale` norm in ponder's language model of
+    width ``d_model`` at initialisation: scaled embeddings, ``INIT_STD * sqrt(d_model)``."""
+    return INIT_STD * d_model ** 0.5
+
+
+@runtime_checkable
+class KeepsInputScale(Protocol):
+    """A norm without statistics: its output keeps its input's scale (``tanh(alpha * x)`` for DyT)."""
+
+    keeps_input_scale: bool
+
+
+def wants_embedding_scale(norm: nn.Module) -> bool:
+    """Whether a model whose norms are like ``norm`` should scale its token embeddings (see
+    :class:`KeepsInputScale`)."""
+    return isinstance(norm, KeepsInputScale) and bool(norm.keeps_input_scale)
 
 
 def required_controllers(model: nn.Module, listed: Iterable[str] = ()) -> list[str]:
