@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ponder import registry
 from ponder.config import ModelConfig, PluginSpec, RunConfig
 from ponder.contracts.halting import HaltState
-from ponder.contracts.norms import INIT_STD, wants_embedding_scale
+from ponder.contracts.norms import INIT_STD, stream_std_at_init, wants_embedding_scale
 from ponder.dials import Dial, Dials
 from ponder.limits import THRESHOLD_HIGH, THRESHOLD_LOW
 
@@ -167,7 +167,10 @@ class Block(nn.Module):
 
 
 def make_norm(spec: PluginSpec, d_model: int, position: str) -> nn.Module:
-    return registry.create("norm", spec.name, d_model, position=position, **spec.params_for(position))
+    """The norm at ``position``; a factory that takes ``input_std`` learns the std of its input at initialisation
+    (the scaled embeddings' ``stream_std_at_init``, which DyT's default alpha follows)."""
+    return registry.create("norm", spec.name, d_model, position=position, input_std=stream_std_at_init(d_model),
+                           **spec.params_for(position))
 
 
 COMPACTION_MODES = ("auto", "on", "off")

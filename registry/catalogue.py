@@ -21,14 +21,14 @@ class KindSpec:
     name: str
     hook: str
     inputs: int  # leading positional arguments supplied by ponder (feature size, params, ...)
-    context: tuple[str, ...] = ()  # keyword arguments supplied by ponder (a norm's position)
+    context: tuple[str, ...] = ()  # keyword arguments supplied by ponder (a norm's position and input std)
     summary: str = ""
 
 
 KINDS: dict[str, KindSpec] = {
     k.name: k
     for k in (
-        KindSpec("norm", "register_norms", 1, ("position",), "normalisation layers"),
+        KindSpec("norm", "register_norms", 1, ("position", "input_std"), "normalisation layers"),
         KindSpec("optimizer", "register_optimizers", 1, (), "optimizers"),
         KindSpec("controller", "register_controllers", 0, (), "training-time controllers that turn dials"),
         KindSpec("halting", "register_halting", 2, (), "halting rules for adaptive depth"),

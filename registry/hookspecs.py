@@ -47,10 +47,14 @@ def register_norms(register: Register) -> None:
     Factory: ``factory(num_features, *, position="attn", **settings) -> nn.Module``.
     ``position`` is where the norm sits (``attn``, ``ffn``, ``final``, or ``conv`` for
     channels-first features, see ``ponder.contracts.norms.ChannelsFirst``), so per-position
-    settings are possible. The module must be pure tensor maths so that it exports to ONNX.
-    Optional capabilities (``ponder.contracts.norms``): ``split_affine()`` (``FoldableNorm``:
-    export folds the affine into the next linear layer), ``training_controller = "name"``
-    (``NeedsController``: the trainer adds that controller), ``metrics()`` (logged).
+    settings are possible. A factory that takes ``input_std`` receives, from ponder's language model,
+    the std of the norm's input at initialisation (``ponder.contracts.norms.stream_std_at_init``);
+    elsewhere (converting a model) it gets None. The module must be pure tensor maths so that it
+    exports to ONNX. Optional capabilities (``ponder.contracts.norms``): ``split_affine()``
+    (``FoldableNorm``: export folds the affine into the next linear layer),
+    ``training_controller = "name"`` (``NeedsController``: the trainer adds that controller),
+    ``keeps_input_scale = True`` (``KeepsInputScale``: the model scales its embeddings),
+    ``metrics()`` (logged).
     """
 
 

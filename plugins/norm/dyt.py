@@ -25,7 +25,6 @@ from ponder.contracts.norms import (  # noqa: F401  (the capabilities implemente
     FoldableNorm,
     KeepsInputScale,
     NeedsController,
-    stream_std_at_init,
 )
 
 # A model that ran this many training forwards without a gradient-norm update is warned about.
@@ -198,53 +197,68 @@ def update_adyt_grad_norms(model: nn.Module) -> int:
     return len(updated)
 
 
-def language_model_alpha(width: int, position: str) -> float:
-    """The ``alpha_init_value`` the ``dyt`` and ``adyt`` plugins use when none is given: ``1 / (0.02 sqrt(width))``
-    in a language model (``alpha * std(x) = 1`` for the residual stream of :func:`stream_std_at_init`: 4.42 at width
-    128, 0.78 at 4096 where the DyT paper's LLaMA-7B uses 0.8 before attention), 0.5 (the paper's default, for
-    vision) at ``conv``. Measured in docs/norms.md."""
-    if position == "conv":
+def default_alpha(position: str, input_std: float | None) -> float:
+    """``alpha_init_value`` when none is given. Where the model says the std of the norm's input at initialisation
+    (``input_std``; ponder's language model: ``0.02 sqrt(d_model)`` with its scaled embeddings), ``1 / input_std``,
+    so that ``alpha * x`` starts at unit scale: 4.42 at width 128, and 0.78 at width 4096, where the DyT paper's
+    LLaMA-7B uses 0.8 before attention. Otherwise (vision, converting a model, ``conv``) 0.5, the paper's default.
+    Measured in docs/norms.md."""
+    if input_std is None or position == "conv":
         return 0.5
-    return round(1.0 / stream_std_at_init(width), 2)
+    return round(1.0 / input_std, 2)
 
 
-def dyt(num_features: int, position: str = "attn", alpha_init_value: float | None = None,
-        bias: bool = True) -> nn.Module:
+def dyt(num_features: int, position: str = "attn", alpha_init_value: float | None = None, bias: bool = True,
+        input_std: float | None = None) -> nn.Module:
     """DynamicTanh: ``weight * tanh(alpha * x) + bias``, no statistics.
 
     Args:
         num_features: size of the channel dimension (supplied by ponder).
         position: where the norm sits: attn, ffn, final, or conv for channels-first features.
-        alpha_init_value: initial alpha; unset: chosen by width (``language_model_alpha``: 4.42 at width 128).
-            Per position via [norm.positions.attn] etc.
+        alpha_init_value: initial alpha; unset: ``default_alpha`` (in ponder's language model ``1 / (0.02
+            sqrt(d_model))``: 4.42 at width 128; else 0.5). Per position via [norm.positions.attn] etc.
         bias: learn a per-channel shift (the LLaMA variant drops it).
+        input_std: the std of this norm's input at initialisation (supplied by ponder's language model).
     """
-    alpha = language_model_alpha(num_features, position) if alpha_init_value is None else alpha_init_value
+    alpha = default_alpha(position, input_std) if alpha_init_value is None else alpha_init_value
     return DynamicTanh(num_features, channels_last=position != "conv", alpha_init_value=alpha, bias=bias)
 
 
 def adyt(num_features: int, position: str = "attn", alpha_init_value: float | None = None,
          lambda_factor: float = 0.1, smooth_factor: float = 0.99, eps: float = 1e-6, alpha_min: float | None = None,
-         alpha_max: float | None = None, bias: bool = True) -> nn.Module:
+         alpha_max: float | None = None, bias: bool = True, input_std: float | None = None) -> nn.Module:
     """Adaptive DyT: alpha follows the layer's smoothed gradient norm.
 
     Args:
         num_features: size of the channel dimension (supplied by ponder).
         position: where the norm sits: attn, ffn, final, or conv for channels-first features.
-        alpha_init_value: initial alpha0; unset: chosen by width, as for ``dyt``.
+        alpha_init_value: initial alpha0; unset: in ponder's language model two thirds of DyT's ``default_alpha``
+            (2.95 at width 128), else 0.5 (the reference's).
         lambda_factor: strength of the adjustment (lambda).
         smooth_factor: EMA factor of the gradient norm (beta).
         eps: keeps 1 / (eps + G) finite.
-        alpha_min: lower clip of the adapted alpha; unset: alpha0 / 5 (0.1 for alpha0 0.5, the reference's).
-        alpha_max: upper clip of the adapted alpha; unset: alpha0 * 4 (2.0 for alpha0 0.5, the reference's).
+        alpha_min: lower clip of the adapted alpha; unset: ``alpha0 / 5`` (0.59 at width 128),
+            as the reference's 0.1 for its alpha0 0.5.
+        alpha_max: upper clip of the adapted alpha; unset: in ponder's language model DyT's
+            ``default_alpha`` (the adapted alpha grows up to DyT's, not past it: docs/norms.md), else ``alpha0 * 4``
+            (the reference's 2.0).
         bias: learn a per-channel shift.
+        input_std: the std of this norm's input at initialisation (supplied by ponder's language model).
     """
-    alpha = language_model_alpha(num_features, position) if alpha_init_value is None else alpha_init_value
-    low = alpha * ADYT_RANGE[0] if alpha_min is None else alpha_min
-    high = alpha * ADYT_RANGE[1] if alpha_max is None else alpha_max
+    if alpha_init_value is None and input_std is not None and position != "conv":
+        top = default_alpha(position, input_std)
+        alpha, low, high = top * ADYT_ALPHA0, top * ADYT_ALPHA0 * ADYT_RANGE[0], top
+    else:  # the reference's defaults around alpha0
+        alpha = default_alpha(position, None) if alpha_init_value is None else alpha_init_value
+        low, high = alpha * ADYT_RANGE[0], alpha * ADYT_RANGE[1]
+    low = low if alpha_min is None else alpha_min
+    high = high if alpha_max is None else alpha_max
     return AdaptiveDynamicTanh(num_features, position != "conv", alpha, lambda_factor, smooth_factor, eps, low, high,
                                bias)
 
 
-# the adapted alpha's clip range as multiples of alpha0 when unset: the reference's (0.1, 2.0) around its 0.5
+# ADyT's alpha0 in a language model, as a share of DyT's alpha for the width: its adapted alpha then starts at
+# 0.73 of it and grows (as G falls) to at most DyT's value
+ADYT_ALPHA0 = 2 / 3
+# the adapted alpha's clip range as multiples of alpha0: the reference's (0.1, 2.0) around its 0.5
 ADYT_RANGE = (0.2, 4.0)

@@ -2,7 +2,9 @@
 
 A norm plugin registers ``factory(num_features, *, position="attn", **settings) -> nn.Module``. ``position`` is
 where the norm sits (``attn``, ``ffn``, ``final`` in ponder's language model, or ``conv`` for channels-first
-features ``[N, C, ...]``, which :class:`ChannelsFirst` adapts any last-dimension norm to). The module must be pure
+features ``[N, C, ...]``, which :class:`ChannelsFirst` adapts any last-dimension norm to). A factory that also takes
+``input_std`` gets, from ponder's language model, the std of the norm's input at initialisation
+(:func:`stream_std_at_init`), and None where nobody knows it (converting a model): DyT picks its alpha from it. The module must be pure
 tensor maths so that it exports to ONNX. ``metrics() -> dict[str, float]``, if defined, is logged by the trainer.
 
 Optional capabilities, each a method or attribute the norm defines; export, the model, the trainer and the Hugging
