@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/ponder bench models/demo --via grpc --no-progress --out benchmarks/results/depth_grpc
 	$(BIN)/python benchmarks/bench_train_eval.py
 	$(BIN)/python benchmarks/bench_norms.py
+	$(BIN)/python benchmarks/norm_quality.py
 	$(BIN)/python benchmarks/bench_export.py
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_serve.py

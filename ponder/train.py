@@ -16,7 +16,7 @@ import torch
 from ponder import checkpoint, distributed, registry
 from ponder.config import RunConfig, check_config, parse_config
 from ponder.contracts.controllers import EVENTS, TrainingEvent, dispatch, owns_lr
-from ponder.contracts.norms import required_controllers
+from ponder.contracts.norms import parameter_groups, required_controllers
 from ponder.data import Corpus, TokenChunks, epoch_order, prepare_data, tokenizer_from_json
 from ponder.errors import CheckpointError, ConfigError, PonderError
 from ponder.evaluate import evaluate
@@ -36,8 +36,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_optimizer(run: RunConfig, model: PonderLM) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return registry.create("optimizer", run.optimizer.name, params, **run.optimizer.params)
+    """The run's optimizer over ``model``'s trainable parameters; a norm's parameters that ask for their own
+    learning rate (``ScaledLearningRates``, DyT's alpha) get a group at that multiple of the optimizer's."""
+    groups = parameter_groups(model)
+    params = groups[0]["params"] if len(groups) == 1 else groups
+    optimizer = registry.create("optimizer", run.optimizer.name, params, **run.optimizer.params)
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+    return optimizer
 
 
 class Trainer:

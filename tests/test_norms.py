@@ -315,3 +315,26 @@ def test_dyt_and_adyt_learn_about_as_fast_as_layernorm(one_thread):
         assert learned(*_lm_after(norm, 160), ln), norm
     # the bound tells the recipe apart: DyT as it was (alpha 0.5, unscaled embeddings) fails it
     assert not learned(*_lm_after("dyt", 160, {"alpha_init_value": 0.5}, scale_off=True), ln)
+
+
+def test_dyt_alpha_learns_at_its_own_rate_in_the_language_model_only(tmp_path):
+    from ponder.contracts.norms import parameter_groups
+    from ponder.train import build_optimizer
+
+    cfg = write_tiny_config(tmp_path, steps=2)
+    cfg.write_text(cfg.read_text() + '\n[norm]\nname = "dyt"\n[norm.positions.final]\nalpha_lr_scale = 3.0\n')
+    run = load_config(cfg)
+    trainer = Trainer(run, None, progress=False)
+    optimizer = build_optimizer(run, trainer.model)
+    by_scale = {g.get("lr_scale", 1.0): g for g in optimizer.param_groups}
+    assert set(by_scale) == {1.0, 10.0, 3.0}
+    assert by_scale[10.0]["lr"] == pytest.approx(10 * by_scale[1.0]["lr"])
+    assert {id(p) for p in by_scale[3.0]["params"]} == {id(trainer.model.norm_final.alpha)}
+    assert len(by_scale[10.0]["params"]) == 2 * 3  # every block's two alphas; nothing else
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(trainer.model.parameters()))
+    # outside the language model (converting a model) alpha learns with the rest, as in the paper
+    converted = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    ponder.convert(converted, to="dyt")
+    assert len(parameter_groups(converted)) == 1
+    with pytest.raises(registry.PluginParameterError, match="alpha_lr_scale must be > 0"):
+        registry.create("norm", "dyt", 8, alpha_lr_scale=0.0)

@@ -34,8 +34,10 @@ def test_training_lowers_validation_loss(tmp_path):
     assert {r["step"] for r in records if r["split"] == "valid"} == set(range(4, 61, 4))
 
 
-def test_resume_equals_a_straight_run(tmp_path):
+@pytest.mark.parametrize("norm", ["layernorm", "dyt"])  # dyt: two optimizer groups (alpha at 10x the lr)
+def test_resume_equals_a_straight_run(tmp_path, norm):
     cfg = write_tiny_config(tmp_path, steps=8)
+    cfg.write_text(cfg.read_text() + f'\n[norm]\nname = "{norm}"\n')
     Trainer(load_config(cfg), tmp_path / "straight", progress=False).train()
     Trainer(load_config(cfg), tmp_path / "split", progress=False, steps=4).train()
     resumed = Trainer(None, tmp_path / "split", resume=True, progress=False, steps=8)
@@ -47,6 +49,7 @@ def test_resume_equals_a_straight_run(tmp_path):
     sa = checkpoint.read_trainer_state(checkpoint.resolve(tmp_path / "straight"))
     sb = checkpoint.read_trainer_state(checkpoint.resolve(tmp_path / "split"))
     assert sa["step"] == sb["step"] == 8
+    assert len(sb["optimizer"]["param_groups"]) == (2 if norm == "dyt" else 1)
     for pid, st in sa["optimizer"]["state"].items():
         assert torch.equal(st["exp_avg_sq"], sb["optimizer"]["state"][pid]["exp_avg_sq"])
 

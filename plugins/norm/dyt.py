@@ -7,6 +7,11 @@
 the L2 norm of the layer's own gradients, updated by ``update_adyt_grad_norms(model)`` after
 ``backward()`` and before ``optimizer.step()``.
 
+In ponder's language model (which passes ``input_std``) the factories apply the language-model recipe measured in
+docs/norms.md: alpha starts at ``1 / input_std`` (4.42 at width 128) and learns at 10x the optimizer's rate, and
+the model scales its embeddings (``keeps_input_scale``); ADyT's adapted alpha is capped at DyT's. Elsewhere the
+reference defaults hold (alpha 0.5, ADyT's clip 0.1..2.0).
+
 Where we differ from the public reference, on purpose: ``G`` is a buffer in the state dict, and
 eval and ONNX export use the same ``alpha(t)`` computed from the frozen ``G``. The reference uses
 ``alpha0`` alone at eval time, so its model computes something different in eval from what it
@@ -25,6 +30,7 @@ from ponder.contracts.norms import (  # noqa: F401  (the capabilities implemente
     FoldableNorm,
     KeepsInputScale,
     NeedsController,
+    ScaledLearningRates,
 )
 
 # A model that ran this many training forwards without a gradient-norm update is warned about.
@@ -69,6 +75,7 @@ class DynamicTanh(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.normalized_shape)) if bias else None
 
     keeps_input_scale = True  # no statistics: ponder's language model scales its embeddings for it
+    lr_scales: dict[str, float] = {}  # {"alpha": 10.0}: alpha learns at 10x the optimizer's lr (ScaledLearningRates)
 
     def current_alpha(self) -> Tensor:
         return self.alpha
@@ -208,8 +215,26 @@ def default_alpha(position: str, input_std: float | None) -> float:
     return round(1.0 / input_std, 2)
 
 
+def default_alpha_lr_scale(position: str, input_std: float | None) -> float:
+    """How much faster than the other weights alpha learns when ``alpha_lr_scale`` is unset: 10x in ponder's language
+    model (its residual stream grows 5-30x in 600 steps at lr 3e-3, and alpha, moving about lr per step under Adam,
+    cannot follow it otherwise: docs/norms.md), 1x elsewhere (the paper's)."""
+    return 1.0 if input_std is None or position == "conv" else LM_ALPHA_LR_SCALE
+
+
+LM_ALPHA_LR_SCALE = 10.0
+
+
+def _with_lr_scale(module: DynamicTanh, scale: float) -> DynamicTanh:
+    if scale <= 0:
+        raise ValueError(f"alpha_lr_scale must be > 0, got {scale}")
+    if scale != 1.0:
+        module.lr_scales = {"alpha": float(scale)}
+    return module
+
+
 def dyt(num_features: int, position: str = "attn", alpha_init_value: float | None = None, bias: bool = True,
-        input_std: float | None = None) -> nn.Module:
+        alpha_lr_scale: float | None = None, input_std: float | None = None) -> nn.Module:
     """DynamicTanh: ``weight * tanh(alpha * x) + bias``, no statistics.
 
     Args:
@@ -218,15 +243,20 @@ def dyt(num_features: int, position: str = "attn", alpha_init_value: float | Non
         alpha_init_value: initial alpha; unset: ``default_alpha`` (in ponder's language model ``1 / (0.02
             sqrt(d_model))``: 4.42 at width 128; else 0.5). Per position via [norm.positions.attn] etc.
         bias: learn a per-channel shift (the LLaMA variant drops it).
+        alpha_lr_scale: alpha's learning rate as a multiple of the optimizer's; unset: 10 in ponder's language
+            model, else 1 (``default_alpha_lr_scale``).
         input_std: the std of this norm's input at initialisation (supplied by ponder's language model).
     """
     alpha = default_alpha(position, input_std) if alpha_init_value is None else alpha_init_value
-    return DynamicTanh(num_features, channels_last=position != "conv", alpha_init_value=alpha, bias=bias)
+    module = DynamicTanh(num_features, channels_last=position != "conv", alpha_init_value=alpha, bias=bias)
+    return _with_lr_scale(module, default_alpha_lr_scale(position, input_std) if alpha_lr_scale is None
+                          else alpha_lr_scale)
 
 
 def adyt(num_features: int, position: str = "attn", alpha_init_value: float | None = None,
          lambda_factor: float = 0.1, smooth_factor: float = 0.99, eps: float = 1e-6, alpha_min: float | None = None,
-         alpha_max: float | None = None, bias: bool = True, input_std: float | None = None) -> nn.Module:
+         alpha_max: float | None = None, bias: bool = True, alpha_lr_scale: float | None = None,
+         input_std: float | None = None) -> nn.Module:
     """Adaptive DyT: alpha follows the layer's smoothed gradient norm.
 
     Args:
@@ -243,6 +273,7 @@ def adyt(num_features: int, position: str = "attn", alpha_init_value: float | No
             ``default_alpha`` (the adapted alpha grows up to DyT's, not past it: docs/norms.md), else ``alpha0 * 4``
             (the reference's 2.0).
         bias: learn a per-channel shift.
+        alpha_lr_scale: alpha0's learning rate as a multiple of the optimizer's; unset: as for ``dyt``.
         input_std: the std of this norm's input at initialisation (supplied by ponder's language model).
     """
     if alpha_init_value is None and input_std is not None and position != "conv":
@@ -253,8 +284,10 @@ def adyt(num_features: int, position: str = "attn", alpha_init_value: float | No
         low, high = alpha * ADYT_RANGE[0], alpha * ADYT_RANGE[1]
     low = low if alpha_min is None else alpha_min
     high = high if alpha_max is None else alpha_max
-    return AdaptiveDynamicTanh(num_features, position != "conv", alpha, lambda_factor, smooth_factor, eps, low, high,
-                               bias)
+    module = AdaptiveDynamicTanh(num_features, position != "conv", alpha, lambda_factor, smooth_factor, eps, low,
+                                 high, bias)
+    return _with_lr_scale(module, default_alpha_lr_scale(position, input_std) if alpha_lr_scale is None
+                          else alpha_lr_scale)
 
 
 # ADyT's alpha0 in a language model, as a share of DyT's alpha for the width: its adapted alpha then starts at

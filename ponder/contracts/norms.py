@@ -4,8 +4,9 @@ A norm plugin registers ``factory(num_features, *, position="attn", **settings) 
 where the norm sits (``attn``, ``ffn``, ``final`` in ponder's language model, or ``conv`` for channels-first
 features ``[N, C, ...]``, which :class:`ChannelsFirst` adapts any last-dimension norm to). A factory that also takes
 ``input_std`` gets, from ponder's language model, the std of the norm's input at initialisation
-(:func:`stream_std_at_init`), and None where nobody knows it (converting a model): DyT picks its alpha from it. The module must be pure
-tensor maths so that it exports to ONNX. ``metrics() -> dict[str, float]``, if defined, is logged by the trainer.
+(:func:`stream_std_at_init`), and None where nobody knows it (converting a model): DyT picks its alpha from it.
+The module must be pure tensor maths so that it exports to ONNX. ``metrics() -> dict[str, float]``, if defined, is
+logged by the trainer.
 
 Optional capabilities, each a method or attribute the norm defines; export, the model, the trainer and the Hugging
 Face callback find them on any norm, built-in or third-party:
@@ -21,12 +22,16 @@ Face callback find them on any norm, built-in or third-party:
   initialised to ``sqrt(d_model)`` (:func:`wants_embedding_scale`), as the DyT paper's LLaMA models do: the
   residual stream starts at std ``INIT_STD * sqrt(d_model)`` instead of ``INIT_STD``, the scale such a norm's
   defaults are chosen for (:func:`stream_std_at_init`).
+- :class:`ScaledLearningRates`: ``lr_scales = {"alpha": 10.0}`` asks that a parameter of the norm learn at a multiple
+  of the optimizer's learning rate; the trainer puts it in its own optimizer group (:func:`parameter_groups`).
+  DyT's alpha does in ponder's language model: the residual stream grows 5-30x in a short, fast training and alpha
+  must follow it (docs/norms.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +73,31 @@ def wants_embedding_scale(norm: nn.Module) -> bool:
     """Whether a model whose norms are like ``norm`` should scale its token embeddings (see
     :class:`KeepsInputScale`)."""
     return isinstance(norm, KeepsInputScale) and bool(norm.keeps_input_scale)
+
+
+@runtime_checkable
+class ScaledLearningRates(Protocol):
+    """A norm some of whose parameters learn at a multiple of the optimizer's learning rate."""
+
+    lr_scales: Mapping[str, float]  # the parameter's name inside the norm (e.g. "alpha") -> multiple of the lr
+
+
+def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """``model``'s trainable parameters as optimizer groups: the first at the optimizer's learning rate, then one per
+    distinct :class:`ScaledLearningRates` multiple, marked ``{"params": [...], "lr_scale": s}`` (the trainer
+    multiplies that group's learning rate by ``s`` once the optimizer is built). Parameters in a fixed order."""
+    scale_of: dict[int, float] = {}
+    for module in model.modules():
+        if isinstance(module, ScaledLearningRates):
+            for name, scale in module.lr_scales.items():
+                param = getattr(module, name, None)
+                if isinstance(param, nn.Parameter) and float(scale) != 1.0:
+                    scale_of[id(param)] = float(scale)
+    groups: dict[float, list[nn.Parameter]] = {1.0: []}
+    for param in model.parameters():
+        if param.requires_grad:
+            groups.setdefault(scale_of.get(id(param), 1.0), []).append(param)
+    return [{"params": groups.pop(1.0)}] + [{"params": ps, "lr_scale": s} for s, ps in groups.items()]
 
 
 def required_controllers(model: nn.Module, listed: Iterable[str] = ()) -> list[str]:
