@@ -140,9 +140,9 @@ def plot(runs: list[dict], norms: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def parse_settings(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
+def parse_settings(parser: argparse.ArgumentParser, items: list[str], norms: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` settings, each VALUE a TOML value (a bare word is taken as a string); checked by building the
-    run config once."""
+    run config of each norm."""
     import tomllib
 
     from ponder.errors import PonderError
@@ -156,10 +156,11 @@ def parse_settings(parser: argparse.ArgumentParser, items: list[str]) -> dict[st
             out[key] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             out[key] = value
-    try:
-        run_config("dyt", 0, 1, 1, out)
-    except PonderError as exc:
-        parser.error(f"--set: {exc}")
+    for norm in norms:
+        try:
+            run_config(norm, 0, 1, 1, out)
+        except PonderError as exc:
+            parser.error(f"--set: {exc}")
     return out
 
 
@@ -179,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.eval_every < 1 or args.workers < 1:
         parser.error("--steps, --eval-every and --workers must be >= 1")
-    overrides = parse_settings(parser, args.set)
     embed_scale = args.embed_scale
     if embed_scale not in (None, "off"):
         try:
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.norms if n not in installed]
     if unknown:
         parser.error(f"unknown norm(s) {unknown}; installed: {', '.join(installed)}")
+    overrides = parse_settings(parser, args.set, args.norms)
 
     jobs = [(n, s) for s in args.seeds for n in args.norms]
     runs: list[dict] = []

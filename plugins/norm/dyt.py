@@ -9,8 +9,8 @@ the L2 norm of the layer's own gradients, updated by ``update_adyt_grad_norms(mo
 
 In ponder's language model (which passes ``input_std``) the factories apply the language-model recipe measured in
 docs/norms.md: alpha starts at ``1 / input_std`` (4.42 at width 128) and learns at 10x the optimizer's rate, and
-the model scales its embeddings (``keeps_input_scale``); ADyT's adapted alpha is capped at DyT's. Elsewhere the
-reference defaults hold (alpha 0.5, ADyT's clip 0.1..2.0).
+the model scales its embeddings (``keeps_input_scale``); ADyT's clip keeps the reference's ratios to alpha0.
+Elsewhere the reference defaults hold (alpha 0.5, ADyT's clip 0.1..2.0).
 
 Where we differ from the public reference, on purpose: ``G`` is a buffer in the state dict, and
 eval and ONNX export use the same ``alpha(t)`` computed from the frozen ``G``. The reference uses
@@ -262,26 +262,19 @@ def adyt(num_features: int, position: str = "attn", alpha_init_value: float | No
     Args:
         num_features: size of the channel dimension (supplied by ponder).
         position: where the norm sits: attn, ffn, final, or conv for channels-first features.
-        alpha_init_value: initial alpha0; unset: in ponder's language model two thirds of DyT's ``default_alpha``
-            (2.95 at width 128), else 0.5 (the reference's).
+        alpha_init_value: initial alpha0; unset: DyT's ``default_alpha`` (4.42 at width 128 in ponder's language
+            model, else 0.5, the reference's).
         lambda_factor: strength of the adjustment (lambda).
         smooth_factor: EMA factor of the gradient norm (beta).
         eps: keeps 1 / (eps + G) finite.
-        alpha_min: lower clip of the adapted alpha; unset: ``alpha0 / 5`` (0.59 at width 128),
-            as the reference's 0.1 for its alpha0 0.5.
-        alpha_max: upper clip of the adapted alpha; unset: in ponder's language model DyT's
-            ``default_alpha`` (the adapted alpha grows up to DyT's, not past it: docs/norms.md), else ``alpha0 * 4``
-            (the reference's 2.0).
+        alpha_min: lower clip of the adapted alpha; unset: ``alpha0 / 5`` (the reference's 0.1 for its 0.5).
+        alpha_max: upper clip of the adapted alpha; unset: ``alpha0 * 4`` (the reference's 2.0 for its 0.5).
         bias: learn a per-channel shift.
         alpha_lr_scale: alpha0's learning rate as a multiple of the optimizer's; unset: as for ``dyt``.
         input_std: the std of this norm's input at initialisation (supplied by ponder's language model).
     """
-    if alpha_init_value is None and input_std is not None and position != "conv":
-        top = default_alpha(position, input_std)
-        alpha, low, high = top * ADYT_ALPHA0, top * ADYT_ALPHA0 * ADYT_RANGE[0], top
-    else:  # the reference's defaults around alpha0
-        alpha = default_alpha(position, None) if alpha_init_value is None else alpha_init_value
-        low, high = alpha * ADYT_RANGE[0], alpha * ADYT_RANGE[1]
+    alpha = default_alpha(position, input_std) if alpha_init_value is None else alpha_init_value
+    low, high = alpha * ADYT_RANGE[0], alpha * ADYT_RANGE[1]
     low = low if alpha_min is None else alpha_min
     high = high if alpha_max is None else alpha_max
     module = AdaptiveDynamicTanh(num_features, position != "conv", alpha, lambda_factor, smooth_factor, eps, low,
@@ -290,8 +283,5 @@ def adyt(num_features: int, position: str = "attn", alpha_init_value: float | No
                           else alpha_lr_scale)
 
 
-# ADyT's alpha0 in a language model, as a share of DyT's alpha for the width: its adapted alpha then starts at
-# 0.73 of it and grows (as G falls) to at most DyT's value
-ADYT_ALPHA0 = 2 / 3
 # the adapted alpha's clip range as multiples of alpha0: the reference's (0.1, 2.0) around its 0.5
 ADYT_RANGE = (0.2, 4.0)
