@@ -90,9 +90,13 @@ class TokenEmbedding(nn.Embedding):
     scale, :class:`~ponder.contracts.norms.KeepsInputScale`): ``scale`` starts at ``sqrt(d_model)``, as in the DyT
     paper's LLaMA models. Without it the module is a plain embedding with the same state-dict key (``weight``)."""
 
-    def __init__(self, vocab_size: int, d_model: int, scaled: bool = False) -> None:
+    def __init__(self, vocab_size: int, d_model: int) -> None:
         super().__init__(vocab_size, d_model)
-        self.scale = nn.Parameter(torch.tensor(d_model ** 0.5)) if scaled else None
+        self.scale: nn.Parameter | None = None
+
+    def add_scale(self) -> None:
+        """Give the embedding its learnable scale, starting at ``sqrt(d_model)``."""
+        self.scale = nn.Parameter(torch.tensor(self.embedding_dim ** 0.5))
 
     def forward(self, input_ids: Tensor) -> Tensor:
         x = super().forward(input_ids)
@@ -216,7 +220,7 @@ class PonderLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, self.norm_spec) for _ in range(cfg.n_layers))
         self.norm_final = make_norm(self.norm_spec, cfg.d_model, "final")
         if wants_embedding_scale(self.norm_final):
-            self.embed.scale = nn.Parameter(torch.tensor(cfg.d_model ** 0.5))
+            self.embed.add_scale()
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.compaction = "auto"  # in eval: run a layer on its running tokens only ("on", "auto", "off")
         self.compaction_cutoff = DEFAULT_COMPACTION_CUTOFF

@@ -2,7 +2,8 @@
 
 - :mod:`ponder.contracts.halting`: ``HaltingRule`` and ``HaltState`` (halting plugins).
 - :mod:`ponder.contracts.norms`: the norm factory, ``ChannelsFirst``, and the capabilities ``FoldableNorm``,
-  ``NeedsController`` and ``KeepsInputScale`` that export, the trainer and the model look for (norm plugins).
+  ``NeedsController``, ``KeepsInputScale`` and ``ScaledLearningRates`` that export, the trainer and the model look
+  for (norm plugins).
 - :mod:`ponder.contracts.controllers`: ``Controller``, ``TrainingEvent`` and the one ``dispatch`` (controller
   plugins). Torch-free.
 
