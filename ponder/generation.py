@@ -211,34 +211,56 @@ def check_prompt(prompt: Sequence[int], max_seq_len: int, vocab_size: int) -> No
         raise ConfigError(f"prompt token ids must be in [0, {vocab_size}), got values in [{low}, {high}]")
 
 
+class Generation:
+    """The decode loop as a state machine, so that one loop serves a caller that runs each step itself
+    (:func:`generate`) and a server that runs the steps of many generations in one batch.
+
+    ``feed`` and ``past`` say what the model must run next (``past`` None: an empty cache); ``advance`` takes that
+    step's result and returns the token it gives; ``done`` once the final token was returned."""
+
+    def __init__(self, prompt: Sequence[int], params: SamplingParams, max_seq_len: int,
+                 text_of: Callable[[list[int]], bytes]) -> None:
+        self.params, self.max_seq_len, self.text_of = params, max_seq_len, text_of
+        self.rng = np.random.default_rng(params.seed)
+        self.context = list(prompt)
+        self.feed: list[int] = list(prompt)
+        self.past: Any = None
+        self.held = 0  # positions in the cache
+        self.generated: list[int] = []
+        self.stop = StopText(params.stop)
+        self.done = False
+
+    def advance(self, out: Step) -> Token:
+        """The token that ``out`` (the model's result for ``feed`` after ``past``) gives; readies the next step."""
+        assert not self.done, "the generation is over"
+        index = len(self.generated)
+        prefill = self.past is None
+        self.held += len(self.feed)
+        token = sample(out.logits, self.params, self.rng)
+        self.generated.append(token)
+        self.context.append(token)
+        text = self.stop.add(self.text_of(self.generated))
+        last = self.stop.stopped or index == self.params.max_tokens - 1
+        if last and not self.stop.stopped:
+            text += self.stop.flush()
+        result = Token(index, token, text, out.depth, out.layers_executed, out.compute_s, prefill, self.held,
+                       final=last, finish_reason=("stop" if self.stop.stopped else "length") if last else None)
+        self.done = last
+        if self.held + 1 <= self.max_seq_len:
+            self.feed, self.past = [token], out.past
+        else:  # the context is full: prefill its last tokens again
+            self.feed, self.past, self.held = self.context[-kept_tokens(self.max_seq_len):], None, 0
+        return result
+
+
 def generate(step: Callable[[list[int], Any], Step], prompt: Sequence[int], params: SamplingParams,
              max_seq_len: int, text_of: Callable[[list[int]], bytes]) -> Iterator[Token]:
     """Generate up to ``params.max_tokens`` tokens after ``prompt`` through ``step`` (``step(new_ids, past)``;
     past None: an empty cache). ``text_of(ids)`` is the bytes of the generated ids. The last token yielded has
     ``final`` set and its ``finish_reason``."""
-    rng = np.random.default_rng(params.seed)
-    context = list(prompt)
-    feed, past, held = list(prompt), None, 0  # held: positions in the cache
-    generated: list[int] = []
-    stop = StopText(params.stop)
-    for index in range(params.max_tokens):
-        out = step(feed, past)
-        held += len(feed)
-        token = sample(out.logits, params, rng)
-        generated.append(token)
-        context.append(token)
-        text = stop.add(text_of(generated))
-        last = stop.stopped or index == params.max_tokens - 1
-        if last and not stop.stopped:
-            text += stop.flush()
-        yield Token(index, token, text, out.depth, out.layers_executed, out.compute_s, past is None, held,
-                    final=last, finish_reason=("stop" if stop.stopped else "length") if last else None)
-        if last:
-            return
-        if held + 1 <= max_seq_len:
-            feed, past = [token], out.past
-        else:  # the context is full: prefill its last tokens again
-            feed, past, held = context[-kept_tokens(max_seq_len):], None, 0
+    state = Generation(prompt, params, max_seq_len, text_of)
+    while not state.done:
+        yield state.advance(step(state.feed, state.past))
 
 
 # -- the command line (ponder run, ponder client generate) --------------------------------------------------------

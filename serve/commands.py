@@ -62,9 +62,19 @@ def add_parsers(commands: Any) -> None:
                   "most it takes)")
     sv.add_argument("--max-message-mb", type=whole_number(1, MAX_MESSAGE_MB, grpc_limit), default=64, metavar="N",
                     help=f"largest request or response in MiB, 1 to {MAX_MESSAGE_MB} (default: 64)")
-    sv.add_argument("--workers", type=int, default=2, metavar="N", help="requests computed at once (default: 2)")
+    sv.add_argument("--workers", type=int, default=2, metavar="N",
+                    help="runs of one model computing at once, each a batch of requests (default: 2)")
     sv.add_argument("--max-queue", type=int, default=64, metavar="N",
-                    help="requests waiting beyond those; more get RESOURCE_EXHAUSTED (default: 64)")
+                    help="requests waiting per model; more get RESOURCE_EXHAUSTED (default: 64)")
+    sv.add_argument("--max-batch-size", type=whole_number(1), default=32, metavar="N",
+                    help="rows one run holds (requests batched together, or generations advancing together); a "
+                         "request with more rows is refused (default: 32)")
+    sv.add_argument("--max-queue-delay-us", type=whole_number(0), default=0, metavar="US",
+                    help="microseconds a request may wait for its batch to fill (default: 0, never wait)")
+    sv.add_argument("--max-batch-tokens", type=whole_number(2), default=16384, metavar="N",
+                    help="tokens (batch x sequence) one request, or one run, may hold (default: 16384)")
+    sv.add_argument("--max-tokens", type=whole_number(1), default=1024, metavar="N",
+                    help="tokens one generation may ask for (default: 1024)")
     sv.add_argument("--threads", type=whole_number(1), metavar="N",
                     help="ONNX Runtime threads per model run (default: ORT's)")
     sv.add_argument("--grace", type=seconds(zero_ok=True), default=10.0, metavar="S",
@@ -216,6 +226,8 @@ def _serve(args: argparse.Namespace) -> int:
     tls = TLSFiles(args.tls_cert, args.tls_key, args.tls_ca) if args.tls_cert else None
     return serve(args.repository, args.address, grace=args.grace, workers=args.workers, max_queue=args.max_queue,
                  max_message_mb=args.max_message_mb, tls=tls, threads=args.threads,
+                 max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
+                 max_batch_tokens=args.max_batch_tokens, max_tokens=args.max_tokens,
                  metrics_port=None if args.metrics_port < 0 else args.metrics_port)
 
 

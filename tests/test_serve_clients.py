@@ -105,9 +105,16 @@ def test_statistics_count_input_infer_and_output_alike(server):
     client = triton.InferenceServerClient(server[1])
     client.infer("tiny", [_input(_ids(2))], model_version="1")
     client.infer("tiny", _text(b"The ", '{"max_tokens": 3}'), model_version="1")
-    stats = client.get_inference_statistics("tiny", "1").model_stats[0].inference_stats
-    assert stats.compute_infer.count >= 4  # one forward pass and three generated tokens
-    assert stats.compute_input.count == stats.compute_infer.count == stats.compute_output.count
+    before = client.get_inference_statistics("tiny", "1").model_stats[0]
+    client.infer("tiny", [_input(_ids(2))], model_version="1")
+    model = client.get_inference_statistics("tiny", "1").model_stats[0]
+    stats = model.inference_stats
+    # as Triton's: the durations count requests, inference_count rows, execution_count model runs
+    assert stats.success.count == stats.queue.count == stats.compute_input.count == stats.compute_infer.count \
+        == stats.compute_output.count
+    assert model.inference_count - before.inference_count == 2
+    assert model.execution_count - before.execution_count == 1
+    assert before.execution_count >= 4  # one forward pass and three decode steps
     assert stats.compute_input.ns > 0 and stats.compute_output.ns > 0
 
 
@@ -177,11 +184,26 @@ def test_message_limit_beyond_what_grpc_can_hold_is_refused(tmp_path):
 
 
 def test_no_deadline_means_no_limit_on_the_wait():
-    """Without a deadline grpc's time_remaining() is beyond any lock's timeout (the first test's failure)."""
-    from ponder.serve.server import _wait_limit
+    """Without a deadline grpc's time_remaining() is enormous (tritonclient sends none): no deadline at all, never
+    a timestamp out of range (perf_analyzer's INTERNAL "OverflowError: timestamp out of range")."""
+    import asyncio
 
-    assert _wait_limit(1e12) is None and _wait_limit(float("inf")) is None
-    assert _wait_limit(1.5) == 1.5 and _wait_limit(-1.0) == 0.0
+    from ponder.serve.servicer import deadline_of
+
+    class Context:
+        def __init__(self, remaining):
+            self.remaining = remaining
+
+        def time_remaining(self):
+            return self.remaining
+
+    async def check():
+        now = asyncio.get_running_loop().time()
+        assert deadline_of(Context(None)) is None and deadline_of(Context(1e12)) is None
+        assert deadline_of(Context(float("inf"))) is None
+        assert now + 1.4 < deadline_of(Context(1.5)) < now + 1.6
+
+    asyncio.run(check())
 
 
 def test_ponder_serve_on_a_port_in_use_says_so_in_one_line(tmp_path):

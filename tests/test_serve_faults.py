@@ -64,6 +64,10 @@ def gated(model_repository):
     srv.stop()
 
 
+def queued(srv) -> int:
+    return sum(s.pending for s in srv.schedulers.values())
+
+
 def ids_request() -> pb.ModelInferRequest:
     request = pb.ModelInferRequest(model_name="tiny")
     request.inputs.add(name="input_ids", datatype="INT64", shape=[1, 4])
@@ -76,11 +80,11 @@ def test_a_full_queue_answers_resource_exhausted_and_the_admitted_requests_finis
     first = stub.ModelInfer.future(ids_request(), timeout=30)
     assert gate.entered.acquire(timeout=20)  # computing (held at the gate)
     second = stub.ModelInfer.future(ids_request(), timeout=30)
-    wait_for(lambda: srv.servicer.admission.admitted == 2, what="the second request to queue")
+    wait_for(lambda: queued(srv) == 1, what="the second request to queue")
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(ids_request(), timeout=30)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "the queue is full (1 waiting, 1 computing)" in info.value.details()
+    assert "the queue of this model is full (1 requests waiting; --max-queue" in info.value.details()
     gate.open.set()
     for future in (first, second):
         assert future.result().parameters["layers_executed"].int64_param >= 1
@@ -95,7 +99,7 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_not_computed(gated):
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(ids_request(), timeout=0.3)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_for(lambda: srv.servicer.admission.admitted == 1, what="the expired request to leave the queue")
+    wait_for(lambda: queued(srv) == 0, what="the expired request to leave the queue")
     gate.open.set()
     first.result()
     assert gate.calls == 1  # the expired one never reached the model
