@@ -78,18 +78,73 @@ def check_version(value: object, what: str = "--version") -> int:
 
 # -- what lies where ---------------------------------------------------------------------------------------------
 
+def resolved(path: str | Path) -> Path | None:
+    """``path`` with its links followed, or None when they cannot be (a loop, a path too long)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a link loop (Python < 3.13)
+        return None
+
+
+def outside_problem(path: str | Path, root: str | Path) -> str | None:
+    """Why ``path`` does not resolve to ``root`` or somewhere under it (None: it does)."""
+    target = resolved(path)
+    if target is None:
+        return "its links cannot be followed (a loop?)"
+    if not target.is_relative_to(Path(root).resolve()):
+        return f"it points outside the repository ({target})"
+    return None
+
+
 def inside(path: str | Path, root: str | Path) -> bool:
-    """Whether ``path`` resolves (links followed) to ``root`` or somewhere under it."""
-    return Path(path).resolve().is_relative_to(Path(root).resolve())
+    """Whether ``path`` resolves (links followed) to ``root`` or somewhere under it (a link loop does not)."""
+    return outside_problem(path, root) is None
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError:  # not a folder, gone, or unreadable: nothing in it counts
+        return []
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # unreadable: not a folder the repository can use
+        return False
+
+
+def _dangling(path: Path) -> bool:
+    """Whether ``path`` is a link that leads nowhere (its target gone, or a loop)."""
+    try:
+        return path.is_symlink() and not path.exists()
+    except OSError:
+        return True
 
 
 def version_folders(model_folder: str | Path) -> list[tuple[int, Path]]:
     """``(version, folder)`` for every version folder of a model, oldest first, with a model file in it or not."""
-    folder = Path(model_folder)
-    if not folder.is_dir():
-        return []
-    return sorted((int(child.name), child) for child in folder.iterdir()
-                  if is_version_folder(child.name) and child.is_dir())
+    found = []
+    for child in _children(Path(model_folder)):
+        number = parse_version(child.name) if is_version_folder(child.name) else None
+        if number is not None and _is_dir(child):
+            found.append((number, child))
+    return sorted(found)
+
+
+def skipped_entries(model_folder: str | Path) -> list[tuple[Path, str]]:
+    """The entries of a model folder that are no version folders (hidden ones left out), each with why: for the
+    server to report what it ignores."""
+    skipped = []
+    for child in _children(Path(model_folder)):
+        if child.name.startswith("."):
+            continue
+        if not is_version_folder(child.name) or parse_version(child.name) is None:
+            skipped.append((child, f"a version folder's name is {VERSION_RULE}, without leading zeros"))
+        elif not _is_dir(child):
+            skipped.append((child, "a version is a folder; this is not one (or a link to nothing)"))
+    return skipped
 
 
 def versions(model_folder: str | Path) -> list[int]:
@@ -148,16 +203,16 @@ def model_problem(folder: str | Path, root: str | Path) -> str | None:
     folder = Path(folder)
     if not is_model_name(folder.name):
         return f"a model name is {NAME_RULE}"
-    if not inside(folder, root):
-        return f"it points outside the repository ({folder.resolve()})"
-    return None
+    if not _is_dir(folder):
+        return "it is a link to nothing (its target is gone, or the links loop)"
+    return outside_problem(folder, root)
 
 
 def model_folders(root: str | Path) -> list[tuple[Path, str | None]]:
-    """Every folder directly under ``root`` (hidden ones left out), by name, each with :func:`model_problem`'s
-    answer."""
+    """Every folder directly under ``root``, and every link there that leads nowhere (hidden ones left out), by
+    name, each with :func:`model_problem`'s answer."""
     return [(folder, model_problem(folder, root)) for folder in sorted(Path(root).iterdir())
-            if folder.is_dir() and not folder.name.startswith(".")]
+            if (_is_dir(folder) or _dangling(folder)) and not folder.name.startswith(".")]
 
 
 def model_names(root: str | Path) -> list[str]:

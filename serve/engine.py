@@ -18,7 +18,7 @@ import numpy as np
 from ponder.errors import PonderError
 from ponder.generation import SamplingParams, Step, Token, check_prompt, generate, text_bytes
 from ponder.limits import check_threshold
-from ponder.model_repository import config_paths
+from ponder.model_repository import config_paths, outside_problem
 from ponder.onnx_runtime import open_session
 from ponder.text import ByteTokenizer, tokenizer_from_json
 
@@ -77,26 +77,39 @@ class Engine:
     """One exported model on ONNX Runtime (CPU), with its tokenizer."""
 
     def __init__(self, path: str | Path, threads: int | None = None, spinning: bool = True,
-                 decode_threads: int | None = DECODE_THREADS) -> None:
+                 decode_threads: int | None = DECODE_THREADS, root: str | Path | None = None) -> None:
         """``threads``: ONNX Runtime's intra-op threads for scoring (default: its own choice). ``spinning=False``
         stops those threads busy-waiting between runs, which frees the CPU for a server's own threads.
-        ``decode_threads``: the same for the decode graph (default 1, see DECODE_THREADS)."""
+        ``decode_threads``: the same for the decode graph (default 1, see DECODE_THREADS). ``root``: the model
+        repository the model lies in, when it does: a config or decode graph beside the model that resolves (a
+        link) outside it is refused (a PonderError), not read."""
         self.path = Path(path)
+        self._runs: set[Any] = set()  # the RunOptions of the runs in flight (terminate_runs stops them)
+        self.root = None if root is None else Path(root)
         self.metadata = read_metadata(self.path)
         self.config = self._read_config()
         self.n_layers = int(self.metadata["n_layers"])
         self.max_seq_len = int(self.metadata["max_seq_len"])
         self.default_threshold = float(self.metadata["act_threshold"])
         self.session = open_session(self.path, threads, spinning=spinning)
+        self._check_graph(self.session, "the scoring graph", {"input_ids": ("tensor(int64)", 2)},
+                          ["logits", "layers_executed", "token_depth"])
         self.vocab_size = int(self.metadata["vocab_size"])
         self.tokenizer_spec = self.config.get("tokenizer") or self.metadata.get("tokenizer") or {"kind": "byte"}
         self.byte_level = self.tokenizer_spec.get("kind") == "byte"
         self._tokenizer_cache: Any = None
+        decode = self.metadata.get("decode_graph")
+        if self.root is not None and isinstance(decode, str) and decode and (self.path.parent / decode).exists():
+            self._check_inside(self.path.parent / decode)
         self.decode_session = self._open_decode(decode_threads, spinning)
         # the prefill (the whole prompt at once) has enough work per operator for the scoring graph's threads
         self.prefill_session = self._open_decode(threads, spinning) if decode_threads != threads else \
             self.decode_session
         if self.decode_session is not None:
+            self._check_graph(self.decode_session, "the decode graph", {
+                "input_ids": ("tensor(int64)", 2), "attention_mask": ("tensor(int64)", 2),
+                **{i.name: ("tensor(float)", 4) for i in self.decode_session.get_inputs()
+                   if i.name.startswith("past_key_values.")}})
             names = [o.name for o in self.decode_session.get_outputs()]
             self._past_names = [i.name for i in self.decode_session.get_inputs()
                                 if i.name.startswith("past_key_values.")]
@@ -119,11 +132,50 @@ class Engine:
     def _read_config(self) -> dict[str, Any]:
         for candidate in config_paths(self.path):
             if candidate.is_file():
+                self._check_inside(candidate)
                 try:
-                    return json.loads(candidate.read_text())
+                    config = json.loads(candidate.read_text(encoding="utf-8"))
                 except json.JSONDecodeError as exc:
                     raise PonderError(f"{str(candidate)!r} is not valid JSON: {exc}") from None
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise PonderError(f"{str(candidate)!r} cannot be read: {type(exc).__name__}: {exc}") from None
+                if not isinstance(config, dict):
+                    raise PonderError(f"{str(candidate)!r} holds a JSON {type(config).__name__}, not an object")
+                return config
         return {}
+
+    def _check_inside(self, path: Path) -> None:
+        """A PonderError when ``path`` resolves outside the repository the model lies in (when it lies in one)."""
+        problem = None if self.root is None else outside_problem(path, self.root)
+        if problem is not None:
+            raise PonderError(f"{str(path)!r} is not read: {problem}")
+
+    def _check_graph(self, session: Any, what: str, feeds: dict[str, tuple[str, int]],
+                     outputs: list[str] | None = None) -> None:
+        """A PonderError naming what is wrong when ``session``'s graph does not take what the engine feeds it
+        (``feeds``: name -> type and rank; and ``act_threshold``, a float of any shape, an input or an initializer
+        it may override), needs an input it is not fed (an extra input with a default is fine), or does not answer
+        ``outputs`` (in that order; logits a float of rank 3). Checked at load: such a graph would fail every
+        request."""
+        inputs = {i.name: i for i in session.get_inputs()}  # those without a default: each must be fed
+        args = {**{o.name: o for o in session.get_outputs()},
+                **{i.name: i for i in session.get_overridable_initializers()}, **inputs}
+        wanted: dict[str, tuple[str, int | None]] = {**feeds, "act_threshold": ("tensor(float)", None)}
+        problems = [f"needs the input {name!r}, which the server does not feed" for name in inputs
+                    if name not in wanted]
+        problems += [f"has no input {name!r}" for name in wanted if name not in args]
+        if outputs is not None:
+            if (got := [o.name for o in session.get_outputs()]) != outputs:
+                problems.append(f"answers the outputs {got}, not {outputs}")
+            wanted["logits"] = ("tensor(float)", 3)
+        for name, (kind, rank) in wanted.items():
+            arg = args.get(name)
+            if arg is not None and (arg.type != kind or rank is not None and len(arg.shape or ()) != rank):
+                problems.append(f"declares {name!r} a {arg.type} of rank {len(arg.shape or ())}, not {kind}"
+                                + (f" of rank {rank}" if rank is not None else ""))
+        if problems:
+            raise PonderError(f"{what} of {str(self.path)!r} is not a graph ponder serves: it "
+                              f"{'; it '.join(problems)}")
 
     def _tokenizer(self) -> Any:
         spec = self.tokenizer_spec
@@ -147,7 +199,7 @@ class Engine:
             raise PonderError(f"input_ids must be token ids in [0, {vocab}), got values in [{ids.min()}, {ids.max()}]")
         feed = {"input_ids": ids, "act_threshold": np.array(self.check_threshold(threshold), dtype=np.float32)}
         start = time.perf_counter()
-        logits, layers, depth = self.session.run(None, feed)
+        logits, layers, depth = self._run(self.session, None, feed)
         return InferResult(logits, int(layers), depth, (time.perf_counter() - start) * 1e3)
 
     # -- generation through the decode graph (decode.onnx) -----------------------------------------------------
@@ -181,7 +233,7 @@ class Engine:
                         strict=True))
         session = self.prefill_session if past is None and len(new_ids) > 1 else self.decode_session
         start = time.perf_counter()
-        out = session.run(self._decode_outputs, feed)
+        out = self._run(session, self._decode_outputs, feed)
         seconds = time.perf_counter() - start
         logits, depth, layers = out[0], out[1], out[2]
         return Step(logits[0, -1], out[3:], int(depth[0, -1]), int(layers), seconds)
@@ -205,3 +257,84 @@ class Engine:
         return {"text": b"".join(t.text for t in tokens).decode("utf-8", "replace"),
                 "token_ids": [t.token_id for t in tokens], "steps": steps,
                 "finish_reason": tokens[-1].finish_reason if tokens else None}
+
+    def _run(self, session: Any, outputs: list[str] | None, feed: dict[str, np.ndarray]) -> list[Any]:
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        self._runs.add(options)
+        try:
+            return session.run(outputs, feed, options)
+        finally:
+            self._runs.discard(options)
+
+    def terminate_runs(self) -> None:
+        """Stop the runs in flight (they raise in their threads): a server that stops does not wait for them."""
+        for options in list(self._runs):
+            options.terminate = True
+
+    # -- batched runs (the server's scheduler) -----------------------------------------------------------------
+
+    def batch_key(self, ids: np.ndarray, threshold: float) -> tuple[Any, ...]:
+        """Requests with equal keys may share one run of :meth:`infer_rows`: the same sequence length and
+        threshold (the scoring graph takes one threshold and no padding)."""
+        return (int(ids.shape[1]), float(threshold))
+
+    def infer_rows(self, requests: list[tuple[np.ndarray, float]]) -> tuple[list[InferResult], int]:
+        """Several requests (``ids [rows, seq]``, threshold; equal :meth:`batch_key`) in one run. Each gets its own
+        rows' logits and depths, and as ``layers_executed`` its deepest token's depth (what it would have run
+        alone); the second value is the layers the shared run executed."""
+        if len(requests) == 1:
+            result = self.infer(*requests[0])
+            return [result], result.layers_executed
+        ids = np.concatenate([r[0] for r in requests])
+        batch = self.infer(ids, requests[0][1])
+        out, row = [], 0
+        for r, _ in requests:
+            depth = batch.token_depth[row:row + len(r)]
+            out.append(InferResult(batch.logits[row:row + len(r)], int(depth.max()), depth, batch.compute_ms))
+            row += len(r)
+        return out, batch.layers_executed
+
+    def decode_rows(self, rows: list[tuple[list[int], list[np.ndarray] | None, float]]) -> list[Step]:
+        """One step of several generations: ``(new_ids, past, threshold)`` each. A prefill (no cache yet) runs on
+        its own; the single new tokens of the others run together, one decode run per threshold, their caches
+        left-padded to the longest (the attention mask keeps the padding out, positions count real tokens only).
+        Each Step's ``compute_s`` is the run it shared."""
+        steps: list[Step | None] = [None] * len(rows)
+        groups: dict[float, list[int]] = {}
+        for i, (ids, past, threshold) in enumerate(rows):
+            if past is None or len(ids) != 1:
+                steps[i] = self.decode_step(ids, past, threshold)
+            else:
+                groups.setdefault(threshold, []).append(i)
+        for threshold, members in groups.items():
+            if len(members) == 1:
+                i = members[0]
+                steps[i] = self.decode_step(rows[i][0], rows[i][1], threshold)
+                continue
+            for i, step in zip(members, self._decode_together([rows[i][:2] for i in members], threshold),
+                               strict=True):
+                steps[i] = step
+        return steps  # type: ignore[return-value]
+
+    def _decode_together(self, rows: list[tuple[list[int], list[np.ndarray]]], threshold: float) -> list[Step]:
+        lengths = [past[0].shape[2] for _, past in rows]
+        longest, b = max(lengths), len(rows)
+        feed: dict[str, np.ndarray] = {"input_ids": np.asarray([ids for ids, _ in rows], dtype=np.int64),
+                                       "attention_mask": np.ones((b, longest + 1), dtype=np.int64),
+                                       "act_threshold": np.asarray(threshold, dtype=np.float32)}
+        for j, n in enumerate(lengths):
+            feed["attention_mask"][j, :longest - n] = 0
+        for k, name in enumerate(self._past_names):
+            first = rows[0][1][k]
+            cache = np.zeros((b, first.shape[1], longest, first.shape[3]), dtype=first.dtype)
+            for j, (_, past) in enumerate(rows):
+                cache[j, :, longest - lengths[j]:] = past[k][0]
+            feed[name] = cache
+        start = time.perf_counter()
+        out = self._run(self.decode_session, self._decode_outputs, feed)
+        seconds = time.perf_counter() - start
+        logits, depth, layers = out[0], out[1], int(out[2])
+        return [Step(logits[j, -1], [p[j:j + 1, :, longest - n:] for p in out[3:]], int(depth[j, -1]), layers,
+                     seconds) for j, n in enumerate(lengths)]

@@ -13,6 +13,8 @@ from typing import Any
 import grpc
 import numpy as np
 
+from ponder.errors import ECHO_CHARS, cut, echo  # noqa: F401 (re-exported: the server's messages use them)
+
 # datatype -> (numpy dtype, the InferTensorContents field that carries it typed)
 DATATYPES: dict[str, tuple[Any, str]] = {
     "BOOL": (np.bool_, "bool_contents"),
@@ -53,29 +55,36 @@ def decode_tensor(tensor: Any, raw: bytes | None, field: str) -> np.ndarray:
     """An input tensor (typed ``contents`` or ``raw`` bytes) as a numpy array of its declared shape."""
     shape = [int(d) for d in tensor.shape]
     if any(d < 0 for d in shape):
-        raise invalid(f"{field}: shape {shape} has a negative dimension")
+        raise invalid(f"{field}: shape {echo(shape)} has a negative dimension")
     if tensor.datatype not in DATATYPES:
-        raise invalid(f"{field}: datatype {tensor.datatype!r} is not one of {', '.join(DATATYPES)}")
+        raise invalid(f"{field}: datatype {echo(tensor.datatype)} is not one of {', '.join(DATATYPES)}")
     dtype, typed_field = DATATYPES[tensor.datatype]
+    typed = [f.name for f, _ in tensor.contents.ListFields()]  # the *_contents fields with values in them
+    if typed and raw is not None:
+        raise invalid(f"{field}: has both typed contents ({', '.join(typed)}) and raw contents; send one of them")
+    if any(name != typed_field for name in typed):
+        want = f"contents.{typed_field}" if typed_field else "raw contents"
+        raise invalid(f"{field}: {tensor.datatype} travels in {want}, not in {', '.join(typed)}")
     count = _count(shape)
     if tensor.datatype == "BYTES":
         items = _split_bytes(raw, field) if raw is not None else list(tensor.contents.bytes_contents)
         if len(items) != count:
-            raise invalid(f"{field}: holds {len(items)} strings, but shape {shape} needs {count}")
+            raise invalid(f"{field}: holds {len(items)} strings, but shape {echo(shape)} needs {count}")
         out = np.empty(count, dtype=np.object_)
         out[:] = items
         return out.reshape(shape)
     if raw is not None:
         need = count * np.dtype(dtype).itemsize
         if len(raw) != need:
-            raise invalid(f"{field}: raw contents hold {len(raw)} bytes, but shape {shape} of {tensor.datatype} "
+            raise invalid(f"{field}: raw contents hold {len(raw)} bytes, but shape {echo(shape)} of {tensor.datatype} "
                           f"needs {need}")
         return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype).reshape(shape)
     if not typed_field:
         raise invalid(f"{field}: {tensor.datatype} can only be sent as raw contents")
     values = getattr(tensor.contents, typed_field)
     if len(values) != count:
-        raise invalid(f"{field}: contents.{typed_field} holds {len(values)} values, but shape {shape} needs {count}")
+        raise invalid(f"{field}: contents.{typed_field} holds {len(values)} values, but shape {echo(shape)} "
+                      f"needs {count}")
     return np.array(values, dtype=dtype).reshape(shape)
 
 
@@ -114,7 +123,7 @@ def output_arrays(response: Any) -> dict[str, np.ndarray]:
     arrays = {}
     for i, out in enumerate(response.outputs):
         raw = response.raw_output_contents[i] if i < len(response.raw_output_contents) else None
-        arrays[out.name] = decode_tensor(out, raw, f"output {out.name!r}")
+        arrays[out.name] = decode_tensor(out, raw, f"output {echo(out.name)}")
     return arrays
 
 
@@ -153,7 +162,7 @@ def read_number(params: Any, key: str, *, integer: bool = False) -> float | int 
         number = _parse_number(value.strip(), integer)  # type: ignore[union-attr]
         if number is not None:
             return number
-    got = "nothing" if which is None else f"{which}={value!r}"
+    got = "nothing" if which is None else f"{which}={echo(value)}"
     raise invalid(f"parameter {key!r} must be {want}, got {got}")
 
 

@@ -2,8 +2,11 @@
 
 Requests name models by key; nothing a request says becomes a path, so a name cannot reach outside ROOT. At scan
 time, a folder whose name breaks the model name rule, or a folder (or link) that resolves outside ROOT, is skipped
-with a log line (the rules are ``ponder.model_repository``'s, which ``ponder export`` writes by), and a model that
-fails to load is kept as UNAVAILABLE with its reason while the others serve.
+with a log line (the rules are ``ponder.model_repository``'s, which ``ponder export`` writes by), as is any entry that
+cannot be read (a link to nothing, a file where a folder belongs, a version folder not named in ASCII digits); a
+model that fails to load (its model file a link loop, its config.json a link out of ROOT, a graph without the
+inputs and outputs the engine uses) is kept as UNAVAILABLE with its reason while the others serve. Startup never
+dies of one model.
 
 Errors here are the domain's (NotFoundError, UnavailableError); the server maps them to gRPC status codes.
 """
@@ -16,8 +19,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ponder.errors import NotFoundError, PonderError, UnavailableError
-from ponder.model_repository import MODEL_FILE, inside, model_folders, parse_version, version_folders
+from ponder.errors import NotFoundError, PonderError, UnavailableError, echo
+from ponder.model_repository import (
+    MODEL_FILE,
+    model_folders,
+    outside_problem,
+    parse_version,
+    skipped_entries,
+    version_folders,
+)
 from ponder.serve.engine import Engine
 
 log = logging.getLogger("ponder.serve")
@@ -49,21 +59,24 @@ class Stats:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, *, ok: bool, total_s: float, queue_s: float = 0.0, compute_s: float = 0.0,
-               input_s: float = 0.0, output_s: float = 0.0, batch: int = 0, executions: int = 0) -> None:
-        """One request. ``input_s``: decoding and checking its inputs; ``compute_s``: the model runs;
-        ``output_s``: building the response(s). The three compute counts move together by ``executions``, as
-        Triton's do (perf_analyzer refuses statistics where they differ)."""
+               input_s: float = 0.0, output_s: float = 0.0, batch: int = 0) -> None:
+        """One request. ``input_s``: decoding and checking its inputs; ``compute_s``: the model runs it took part
+        in; ``output_s``: building the response(s); ``batch``: its rows. As Triton's, the queue and compute
+        durations count requests (perf_analyzer refuses statistics where their counts differ), inference_count
+        counts rows and execution_count model runs (:meth:`execution`), which batching makes fewer."""
         with self.lock:
             (self.success if ok else self.fail).add(total_s)
-            if executions:
-                self.queue.add(queue_s)
-                for duration, seconds in ((self.compute_input, input_s), (self.compute_infer, compute_s),
-                                          (self.compute_output, output_s)):
-                    duration.count += executions
-                    duration.ns += int(seconds * 1e9)
+            if ok:
+                for duration, seconds in ((self.queue, queue_s), (self.compute_input, input_s),
+                                          (self.compute_infer, compute_s), (self.compute_output, output_s)):
+                    duration.add(seconds)
                 self.inference_count += batch
-                self.execution_count += executions
                 self.last_inference_ms = int(time.time() * 1e3)
+
+    def execution(self) -> None:
+        """One model run (which may have served several requests)."""
+        with self.lock:
+            self.execution_count += 1
 
 
 @dataclass
@@ -97,24 +110,35 @@ class Repository:
     def _scan(self) -> None:
         for folder, problem in model_folders(self.root):
             if problem is not None:
-                log.warning("skipping %s: %s", folder, problem)
+                log.warning("skipping %r: %s", str(folder), problem)
                 continue
-            versions = {}
-            for number, vdir in version_folders(folder):
-                version = ModelVersion(folder.name, str(number), vdir / MODEL_FILE)
-                if not inside(version.path, self.root):
-                    version.error = "its model file points outside the repository"
-                else:
-                    self._load(version)
-                versions[version.version] = version
-            if versions:
-                self.models[folder.name] = versions
+            try:  # one model's unreadable entry never stops the others (nor the server) from starting
+                self._scan_model(folder)
+            except Exception as exc:  # noqa: BLE001  (an unreadable entry; a model's load failure is caught lower)
+                log.error("skipping %r: %s: %s", str(folder), type(exc).__name__, exc)
+
+    def _scan_model(self, folder: Path) -> None:
+        for entry, why in skipped_entries(folder):
+            log.warning("skipping %r: %s", str(entry), why)
+        versions = {}
+        for number, vdir in version_folders(folder):
+            version = ModelVersion(folder.name, str(number), vdir / MODEL_FILE)
+            problem = outside_problem(version.path, self.root)
+            if problem is not None:
+                version.error = f"its model file cannot be used: {problem}"
+                log.error("model %s version %s is unavailable: %s", version.name, version.version, version.error)
             else:
-                log.warning("skipping %s: no VERSION/%s inside", folder, MODEL_FILE)
+                self._load(version)
+            versions[version.version] = version
+        if versions:
+            self.models[folder.name] = versions
+        else:
+            log.warning("skipping %r: no VERSION/%s inside", str(folder), MODEL_FILE)
 
     def _load(self, version: ModelVersion) -> None:
         try:
-            version.engine = Engine(version.path, threads=self.threads, spinning=False)  # CPU for the RPC threads
+            # spinning=False: CPU for the RPC threads; root: no config or decode graph linked from outside it
+            version.engine = Engine(version.path, threads=self.threads, spinning=False, root=self.root)
         except Exception as exc:  # any failure stays with this model; the others serve
             version.error = str(exc) if isinstance(exc, PonderError) else f"{type(exc).__name__}: {exc}"
             log.error("model %s version %s failed to load: %s", version.name, version.version, version.error)
@@ -129,13 +153,13 @@ class Repository:
         versions = self.models.get(name)
         if versions is None:
             known = ", ".join(sorted(self.models)) or "none"
-            raise NotFoundError(f"model_name {name!r} is not in the repository (models: {known})")
+            raise NotFoundError(f"model_name {echo(name)} is not in the repository (models: {known})")
         if not version:
             return list(versions.values())
         number = parse_version(version)  # "007" asks for version 7
         found = versions.get(str(number)) if number is not None else None
         if found is None:
-            raise NotFoundError(f"model_version {version!r} of model {name!r} does not exist "
+            raise NotFoundError(f"model_version {echo(version)} of model {name!r} does not exist "
                                 f"(versions: {', '.join(versions)})")
         return [found]
 

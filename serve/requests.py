@@ -12,10 +12,10 @@ Two kinds of request, told apart by their inputs:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import numpy as np
 
 from ponder.errors import ConfigError, PonderError
@@ -23,7 +23,7 @@ from ponder.generation import SamplingParams, Token, check_prompt
 from ponder.limits import check_threshold
 from ponder.serve import inference_pb2 as pb
 from ponder.serve.engine import Engine
-from ponder.serve.protocol import add_output, decode_tensor, invalid, read_number, set_param
+from ponder.serve.protocol import RequestError, add_output, cut, decode_tensor, echo, invalid, read_number, set_param
 
 IDS_OUTPUTS = ("logits", "token_depth")
 TEXT_OUTPUTS = ("text_output", "token_ids", "token_depth")
@@ -70,14 +70,15 @@ class Job:
     def streams(self) -> bool:
         return self.generates and self.stream
 
-    def run(self) -> ModelRun:
-        """The whole request in one go (ModelInfer, or a stream request without ``stream``)."""
-        if not self.generates:
-            result = self.engine.infer(self.ids, self.threshold)
-            outputs = {"logits": result.logits, "token_depth": result.token_depth.astype(np.int64)}
-            return ModelRun(self._pick(outputs), result.layers_executed, result.mean_token_depth,
-                            result.compute_ms / 1e3, batch=int(self.ids.shape[0]))
-        tokens = list(self._tokens())
+    def scored(self, result: Any, *, batch_size: int, batch_layers: int) -> ModelRun:
+        """The response of a forward pass (``result``: its InferResult from a run it may have shared)."""
+        outputs = {"logits": result.logits, "token_depth": result.token_depth.astype(np.int64)}
+        return ModelRun(self._pick(outputs), result.layers_executed, result.mean_token_depth,
+                        result.compute_ms / 1e3, batch=int(self.ids.shape[0]),
+                        params={"batch_size": batch_size, "batch_layers_executed": batch_layers})
+
+    def generated(self, tokens: list[Token]) -> ModelRun:
+        """The one response of a whole generation (ModelInfer, or a stream request without ``stream``)."""
         text = b"".join(t.text for t in tokens)
         layers = [t.layers_executed for t in tokens]
         outputs = {"text_output": _bytes_array(text if self.exclude_input else self.prompt_text + text),
@@ -87,24 +88,17 @@ class Job:
                         sum(t.compute_s for t in tokens), executions=len(tokens), step_layers=layers,
                         params={**self._totals(tokens), "triton_final_response": True})
 
-    def steps(self) -> Iterator[ModelRun]:
-        """Generation one token at a time (ModelStreamInfer with ``stream``): each token's new text, depth,
-        layers and latency; the final response also the totals."""
-        assert self.prompt is not None
-        done = []
-        for token in self._tokens():
-            done.append(token)
-            outputs = {"text_output": _bytes_array(token.text), "token_ids": np.array([token.token_id], np.int64),
-                       "token_depth": np.array([token.depth], dtype=np.int64)}
-            params: dict[str, Any] = {"token_index": token.index, "prefill": token.prefill,
-                                      "triton_final_response": token.final}
-            if token.final:
-                params.update(self._totals(done))
-            yield ModelRun(self._pick(outputs), token.layers_executed, float(token.depth), token.compute_s,
-                           params=params)
-
-    def _tokens(self) -> Iterator[Token]:
-        return self.engine.generate_tokens(self.prompt, self.sampling, self.threshold)
+    def token(self, token: Token, done: list[Token]) -> ModelRun:
+        """The response of one generated token (ModelStreamInfer with ``stream``); ``done``: every token so far,
+        this one included (the final response carries the totals)."""
+        outputs = {"text_output": _bytes_array(token.text), "token_ids": np.array([token.token_id], np.int64),
+                   "token_depth": np.array([token.depth], dtype=np.int64)}
+        params: dict[str, Any] = {"token_index": token.index, "prefill": token.prefill,
+                                  "triton_final_response": token.final}
+        if token.final:
+            params.update(self._totals(done))
+        return ModelRun(self._pick(outputs), token.layers_executed, float(token.depth), token.compute_s,
+                        params=params)
 
     @staticmethod
     def _totals(tokens: list[Token]) -> dict[str, Any]:
@@ -132,7 +126,7 @@ def parse(request: Any, engine: Engine) -> Job:
                       f"input, or none and use contents")
     names = [t.name for t in request.inputs]
     if len(set(names)) != len(names):
-        raise invalid(f"inputs: {sorted({n for n in names if names.count(n) > 1})} sent more than once")
+        raise invalid(f"inputs: {echo(sorted({n for n in names if names.count(n) > 1}))} sent more than once")
     accepted = "input_ids (INT64 [batch, seq]) to score, or text_input (BYTES [1]) to generate"
     if "text" in names and "text_input" not in names:
         raise invalid("input 'text' is now 'text_input' (with max_tokens and the other sampling options in the "
@@ -141,35 +135,35 @@ def parse(request: Any, engine: Engine) -> Job:
         raise invalid(f"inputs: send {accepted}, not both")
     if "input_ids" in names:
         if len(names) != 1:
-            raise invalid(f"inputs: input_ids goes alone, got {names}")
+            raise invalid(f"inputs: input_ids goes alone, got {echo(names)}")
         tensor = request.inputs[0]
         field_name = "input 'input_ids'"
         if tensor.datatype != "INT64":
-            raise invalid(f"{field_name}: datatype is {tensor.datatype!r}, expected 'INT64'")
+            raise invalid(f"{field_name}: datatype is {echo(tensor.datatype)}, expected 'INT64'")
         ids = decode_tensor(tensor, raw[0] if raw else None, field_name)
         _check_ids(ids, engine, field_name)
         return Job(engine, threshold, ids=ids, wanted=_wanted(request, IDS_OUTPUTS))
     if "text_input" in names:
         return _generation(request, engine, threshold, raw)
-    raise invalid(f"inputs: expected {accepted}; got {names}")
+    raise invalid(f"inputs: expected {accepted}; got {echo(names)}")
 
 
 def _generation(request: Any, engine: Engine, threshold: float, raw: list[bytes]) -> Job:
     values: dict[str, Any] = {}
     for i, tensor in enumerate(request.inputs):
-        field_name = f"input {tensor.name!r}"
+        field_name = f"input {echo(tensor.name)}"
         if tensor.name not in TEXT_INPUTS:
             raise invalid(f"{field_name} is unknown beside text_input; generation takes {', '.join(TEXT_INPUTS)}")
         if tensor.datatype != TEXT_INPUTS[tensor.name]:
-            raise invalid(f"{field_name}: datatype is {tensor.datatype!r}, expected {TEXT_INPUTS[tensor.name]!r}")
+            raise invalid(f"{field_name}: datatype is {echo(tensor.datatype)}, expected {TEXT_INPUTS[tensor.name]!r}")
         array = decode_tensor(tensor, raw[i] if raw else None, field_name).reshape(-1)
         if array.size != 1:
-            raise invalid(f"{field_name}: expected one element, got shape {list(tensor.shape)}")
+            raise invalid(f"{field_name}: expected one element, got shape {echo(list(tensor.shape))}")
         values[tensor.name] = array[0]
     try:
         engine.check_generation()
     except PonderError as exc:
-        raise invalid(str(exc)) from None
+        raise invalid(cut(str(exc))) from None
     data = bytes(values["text_input"])
     try:
         text = data.decode("utf-8")
@@ -182,7 +176,7 @@ def _generation(request: Any, engine: Engine, threshold: float, raw: list[bytes]
         sampling = SamplingParams.from_json(bytes(values.get("sampling_parameters", b"{}")))
     except ConfigError as exc:
         field_name = "text_input" if "prompt" in str(exc) else "sampling_parameters"
-        raise invalid(f"input {field_name!r}: {exc}") from None
+        raise invalid(f"input {field_name!r}: {cut(str(exc))}") from None
     return Job(engine, threshold, prompt=prompt, prompt_text=data, sampling=sampling,
                stream=bool(values.get("stream", False)), exclude_input=bool(values.get("exclude_input_in_output",
                                                                                         False)),
@@ -196,12 +190,12 @@ def _threshold(request: Any, engine: Engine) -> float:
     try:
         return check_threshold(value, "parameter 'act_threshold'")
     except ConfigError as exc:
-        raise invalid(str(exc)) from None
+        raise invalid(cut(str(exc))) from None
 
 
 def _check_ids(ids: np.ndarray, engine: Engine, field_name: str) -> None:
     if ids.ndim != 2:
-        raise invalid(f"{field_name}: shape {list(ids.shape)} has rank {ids.ndim}, expected rank 2 [batch, seq]")
+        raise invalid(f"{field_name}: shape {echo(list(ids.shape))} has rank {ids.ndim}, expected rank 2 [batch, seq]")
     batch, seq = ids.shape
     if batch < 1:
         raise invalid(f"{field_name}: batch size is 0, expected at least 1")
@@ -217,7 +211,7 @@ def _wanted(request: Any, known: tuple[str, ...]) -> tuple[str, ...]:
     names = tuple(o.name for o in request.outputs)
     for name in names:
         if name not in known:
-            raise invalid(f"outputs: {name!r} is not an output of this request; choose from {', '.join(known)}")
+            raise invalid(f"outputs: {echo(name)} is not an output of this request; choose from {', '.join(known)}")
     return names
 
 
@@ -235,3 +229,37 @@ def respond(request: Any, model_name: str, version: str, step: ModelRun, *, queu
     for key, value in step.params.items():
         set_param(params, key, value)
     return response
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server, checked before anything is computed: its rows and tokens (the
+    model's batch settings), the tokens a generation may ask for, and the size of the response it would get."""
+
+    max_tokens: int = 1024  # per generation (--max-tokens)
+    max_message_bytes: int = 64 * 1024 * 1024  # --max-message-mb
+
+    def check(self, job: Job, engine: Engine, settings: Any) -> None:
+        """INVALID_ARGUMENT (beyond what this server ever takes) or RESOURCE_EXHAUSTED (a response too large to
+        send), each naming the limit and the setting that raises it."""
+        if job.generates:
+            if job.sampling.max_tokens > self.max_tokens:
+                raise invalid(f"sampling_parameters: max_tokens = {job.sampling.max_tokens} is over this server's "
+                              f"limit of {self.max_tokens} (ponder serve --max-tokens raises it)")
+            return
+        assert job.ids is not None
+        rows, seq = job.ids.shape
+        if rows > settings.max_batch_size:
+            raise invalid(f"input 'input_ids': batch size {rows} is over the model's max_batch_size "
+                          f"{settings.max_batch_size} (ponder serve --max-batch-size, or max_batch_size in the "
+                          f"model's config.json, raises it)")
+        if rows * seq > settings.max_batch_tokens:
+            raise invalid(f"input 'input_ids': {rows} x {seq} = {rows * seq} tokens is over the model's "
+                          f"max_batch_tokens {settings.max_batch_tokens} (ponder serve --max-batch-tokens, or "
+                          f"max_batch_tokens in the model's config.json, raises it)")
+        size = rows * seq * ((engine.vocab_size * 4 if "logits" in (job.wanted or IDS_OUTPUTS) else 0) + 8)
+        if size > self.max_message_bytes - 4096:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the response would be {size / 2**20:.1f} MiB, over the message limit of "
+                               f"{self.max_message_bytes / 2**20:.0f} MiB (ponder serve --max-message-mb raises it; "
+                               f"or ask only for output token_depth, or send fewer rows)")
