@@ -101,7 +101,7 @@ def piece_ms(model, context: int, opset: int = 18) -> dict[str, float]:
               "depth": np.zeros((1, 1), np.float32), "output": np.zeros_like(hidden), "hidden": hidden,
               "layers": np.array(0, np.int64), "cos": np.ones((1, 1, 1, hd), np.float32),
               "sin": np.zeros((1, 1, 1, hd), np.float32), "mask": np.ones((1, cfg.n_heads, 1, context + 1), bool),
-              "act_threshold": np.array(1.0, np.float32), "layer": np.array(1, np.int64),
+              "act_threshold": np.ones((1, 1), np.float32), "layer": np.array(1, np.int64),
               "past_key": rng.normal(size=(1, cfg.n_heads, context, hd)).astype(np.float32),
               "past_value": rng.normal(size=(1, cfg.n_heads, context, hd)).astype(np.float32)}
     weights = {f"w{k}": t.detach().numpy() for k, (_, t) in enumerate(tensors_of(model.blocks[1]))}

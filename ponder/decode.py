@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ponder.contracts.halting import HaltState
 from ponder.errors import ConfigError
 from ponder.generation import SamplingParams, Step, Token, generate, text_bytes
-from ponder.model import Block, PonderLM, Rows, apply_rope
+from ponder.model import Block, PonderLM, Rows, apply_rope, halt_padding
 
 
 class KV(NamedTuple):
@@ -140,6 +140,12 @@ def fill_layer(block: Block, hidden: Tensor, cos: Tensor, sin: Tensor, past: KV)
     return KV(torch.cat([past.key, apply_rope(k, cos, sin)], dim=2), torch.cat([past.value, v], dim=2))
 
 
+def new_state(model: PonderLM, input_ids: Tensor, attention_mask: Tensor) -> HaltState:
+    """The halting state of the new tokens before the first layer; padding (``attention_mask`` 0) halted."""
+    state = model.halting.init_state(model.embed(input_ids))
+    return halt_padding(state, attention_mask[:, attention_mask.shape[1] - input_ids.shape[1]:] == 0)
+
+
 def empty_cache(model: PonderLM, batch: int) -> list[KV]:
     cfg = model.cfg
     shape = (batch, cfg.n_heads, 0, cfg.d_model // cfg.n_heads)
@@ -149,9 +155,11 @@ def empty_cache(model: PonderLM, batch: int) -> list[KV]:
 
 @torch.no_grad()
 def decode_step(model: PonderLM, input_ids: Tensor, past: Sequence[KV] | None = None,
-                attention_mask: Tensor | None = None, threshold: float | None = None,
+                attention_mask: Tensor | None = None, threshold: float | Tensor | None = None,
                 compaction_cutoff: float | None = None) -> DecodeOutput:
     """One step through the cache (see the module's docstring); ``past`` None is an empty cache (prefill).
+    ``threshold``: a float, or a tensor (a scalar or one per batch row ``[B]``, each row halting by its own).
+    A new token whose ``attention_mask`` is 0 (padding) starts halted with depth 0: no layer runs for it.
 
     A layer runs compacted (its running new tokens only, :func:`compacted_cached_layer`) as the scoring forward
     chooses: when ``model.compaction`` is not "off" and the most running tokens in a row are at most
@@ -166,13 +174,12 @@ def decode_step(model: PonderLM, input_ids: Tensor, past: Sequence[KV] | None = 
         raise ConfigError(f"{total} positions exceed the model's max_seq_len {cfg.max_seq_len}")
     if attention_mask is None:
         attention_mask = torch.ones((b, total), dtype=torch.int64, device=input_ids.device)
-    threshold = model.dials.value("act_threshold") if threshold is None else model.dials["act_threshold"].check(
-        threshold)
+    threshold = model.threshold_for(threshold, b, input_ids.device)
     cutoff = model.compaction_cutoff if compaction_cutoff is None else compaction_cutoff
     compacting = model.compaction != "off" and t > 1  # one new token: nothing to compact
     cos, sin, mask = decode_tables(attention_mask, t, cfg.d_model // cfg.n_heads, model.dials.value("rope_base"),
                                    cfg.n_heads, cfg.n_local_heads, model.dials["attn_window"].as_int())
-    state = model.halting.init_state(model.embed(input_ids))
+    state = new_state(model, input_ids, attention_mask)
     present, layers = [], 0
     for i, block in enumerate(model.blocks):
         most = int((~state.halted).sum(1).max())

@@ -25,10 +25,12 @@ from ponder.graph import (
     _Builder,
     _trace,
     _typed,
+    batching_inputs,
+    per_row,
     tensors_of,
     uniform_template,
 )
-from ponder.model import PonderLM
+from ponder.model import PonderLM, halt_padding
 
 
 class DecodePrologue(nn.Module):
@@ -40,7 +42,8 @@ class DecodePrologue(nn.Module):
         m, cfg = self.model, self.model.cfg
         cos, sin, mask = decode_tables(attention_mask, input_ids.shape[1], cfg.d_model // cfg.n_heads,
                                        m.dials.value("rope_base"), cfg.n_heads, cfg.n_local_heads, self.window)
-        st = m.halting.init_state(m.embed(input_ids))
+        st = halt_padding(m.halting.init_state(m.embed(input_ids)),
+                          attention_mask[:, attention_mask.shape[1] - input_ids.shape[1]:] == 0)
         return st.halted, st.cum, st.depth, st.output, st.hidden, torch.zeros((), dtype=torch.int64), cos, sin, mask
 
 
@@ -122,8 +125,8 @@ def decode_pieces(model: PonderLM, opset: int, compaction: bool = False) -> dict
     table_shapes = [{0: auto, 2: auto}, {0: auto, 2: auto}, {0: auto, 2: auto, 3: auto}]
     step_names = [*STATE, *TABLES, "act_threshold", "layer", "past_key", "past_value"]
     # distinct tensors for the keys and the values: the tracer merges inputs that are one tensor
-    step_args = (*pro_out, torch.tensor(0.9), torch.tensor(1, dtype=torch.int64), past, past.clone(), *weights)
-    step_shapes = [tuple(state_shapes + table_shapes + [None, None, cache, cache] + [None] * len(weights))]
+    step_args = (*pro_out, torch.full((b_, 1), 0.9), torch.tensor(1, dtype=torch.int64), past, past.clone(), *weights)
+    step_shapes = [tuple(state_shapes + table_shapes + [{0: auto}, None, cache, cache] + [None] * len(weights))]
     step_outputs = [f"next_{s}" for s in STATE] + ["key", "value"]
     step = _trace(_Weighted(_CachedStep(model, template, False), template, len(step_names)), step_args,
                   step_names + weight_names, step_outputs, step_shapes, opset)
@@ -150,7 +153,9 @@ def build_decode(model: PonderLM, opset: int, cutoff: float | None = None, unrol
     """The decode graph of ``model`` (folded already, in eval): one step of ``ponder.decode.decode_step``.
 
     Inputs ``input_ids [batch, seq]`` (the new tokens), ``attention_mask [batch, total]`` (total = past + seq),
-    ``past_key_values.{i}.key|value [batch, heads, past, head_dim]``, ``act_threshold`` (optional). Outputs
+    ``past_key_values.{i}.key|value [batch, heads, past, head_dim]``, ``act_threshold`` (optional), ``row_threshold``
+    (optional, ``[batch]``: each row's own; <= 0 takes ``act_threshold``). A new token whose ``attention_mask`` is
+    0 starts halted (depth 0). Outputs
     ``logits [batch, seq, vocab]``, ``present.{i}.key|value [batch, heads, total, head_dim]``, ``token_depth``
     and ``layers_executed``. Layer 0 always runs; each later layer is an ``If``: the full step while some new
     token runs, else the key/value fill of the frozen states.
@@ -165,6 +170,7 @@ def build_decode(model: PonderLM, opset: int, cutoff: float | None = None, unrol
     head_dim = cfg.d_model // cfg.n_heads
     pieces = decode_pieces(model, opset, compaction=cutoff is not None and not unrolled)
     b = _Builder()
+    per_row(b, model, lengths=False)  # act_threshold as [batch, 1]: "batch/act_threshold"
     out = b.inline(pieces["prologue"], "prologue", {"input_ids": "input_ids", "attention_mask": "attention_mask"},
                    "prologue")
     past_names, present_names = cache_names(cfg.n_layers)
@@ -192,10 +198,10 @@ def build_decode(model: PonderLM, opset: int, cutoff: float | None = None, unrol
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
               *(helper.make_tensor_value_info(name, TensorProto.FLOAT, cache_in) for name in past_names),
               helper.make_tensor_value_info("act_threshold", TensorProto.FLOAT, [])]
-    b.constant("act_threshold", np.array(model.dials.value("act_threshold"), dtype=np.float32))
     if pieces["compacted"] is not None:
         inputs.append(helper.make_tensor_value_info("compaction_cutoff", TensorProto.FLOAT, []))
         b.constant("compaction_cutoff", np.array(cutoff, dtype=np.float32))
+    inputs += batching_inputs(lengths=False)
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size]),
                *(helper.make_tensor_value_info(name, TensorProto.FLOAT, cache_out) for name in present_names),
                helper.make_tensor_value_info("token_depth", TensorProto.INT64, ["batch", "seq"]),
@@ -223,7 +229,7 @@ def _chain(b: _Builder, model: PonderLM, pieces: dict[str, Any], prologue: list[
         at = f"{tag}/layer{i}"
         bound = {name: b.constant(f"layer{i}/{n}", t.detach().numpy()) for name, (n, t) in
                  zip(weight_names, tensors_of(block), strict=True)}
-        bound.update(dict(zip(STATE, state, strict=True)), **tables, act_threshold="act_threshold",
+        bound.update(dict(zip(STATE, state, strict=True)), **tables, act_threshold="batch/act_threshold",
                      layer=b.constant(f"layer{i}/index", np.array(i, dtype=np.int64)),
                      past_key=past_names[2 * i], past_value=past_names[2 * i + 1])
         if i == 0 or unrolled:  # the first layer always runs its full step (unrolled: every layer, no If)

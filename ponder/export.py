@@ -6,6 +6,9 @@ threshold is a graph input (``act_threshold``, optional: it defaults to the trai
 is set per call. With compaction ("auto", the default, or "on") a running layer also chooses in
 the graph between the dense step and the compacted one, which computes only the rows of tokens
 still running (``ponder.model.compacted_step``), by the optional input ``compaction_cutoff``.
+Two more optional inputs let a runtime batch requests, each row getting its unbatched answer: ``row_threshold``
+(``[batch]``, each row's threshold) and ``row_lengths`` (``[batch]``, right padding that starts halted); the
+decode graph takes ``row_threshold`` and halts new tokens whose ``attention_mask`` is 0 (metadata ``batching``).
 The graph is assembled from small traced pieces (``ponder.graph``). Before anything is written
 the export is checked: ``onnx.checker`` with ``full_check``, and ONNX Runtime against PyTorch at
 thresholds {0.5, 0.9, 0.99, 1.0} and, with compaction, at cutoffs {default, 0.0, 1.0} (logits
@@ -37,6 +40,8 @@ from ponder.limits import DEFAULT_OPSET, MIN_OPSET
 from ponder.model import COMPACTION_MODES, PonderLM
 
 CHECK_THRESHOLDS = (0.5, 0.9, 0.99, 1.0)
+# what a runtime may rely on to batch requests (docs/export.md, "Batching"); models exported before lack the key
+DECODE_BATCHING = {"batching": {"row_threshold": True, "padding_halts": True}}
 LOGITS_TOLERANCE = 1e-4
 
 
@@ -65,6 +70,8 @@ class ExportReport:
     opset: int
     checks: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    # the batching inputs' runs (a threshold per row, padded rows), of both graphs ("graph": "scoring" | "decode")
+    batched_checks: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _describe(model: PonderLM) -> str:
@@ -113,7 +120,8 @@ def check_parity(model: PonderLM, path: Path, samples: list[Tensor], thresholds:
                         feed["compaction_cutoff"] = np.array(cutoff, dtype=np.float32)
                     logits, layers, depth = sess.run(None, feed)
                     diff = float(np.abs(logits - ref.logits.numpy()).max())
-                    check = {"shape": list(ids.shape), "threshold": threshold, "compaction_cutoff": cutoff,
+                    check = {"batched": False, "shape": list(ids.shape), "threshold": threshold,
+                             "compaction_cutoff": cutoff,
                              "max_logit_diff": diff, "layers_executed": int(layers),
                              "torch_layers_executed": ref.layers_executed,
                              "depth_equal": bool((depth == ref.depth.numpy()).all())}
@@ -121,9 +129,41 @@ def check_parity(model: PonderLM, path: Path, samples: list[Tensor], thresholds:
                     if (diff > LOGITS_TOLERANCE or check["layers_executed"] != ref.layers_executed
                             or not check["depth_equal"]):
                         raise ExportError(f"the exported graph disagrees with PyTorch ({_describe(model)}): {check}")
+                checks.append(_batched_run(model, sess, ids, cutoff, thresholds))
     finally:
         model.compaction, model.compaction_cutoff = saved
     return checks
+
+
+def batch_plan(ids: Tensor, thresholds: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """A check's per-row thresholds (``thresholds`` in turn) and row lengths (each row shorter by some padding)."""
+    b, t = ids.shape
+    return (torch.tensor([thresholds[i % len(thresholds)] for i in range(b)], dtype=torch.float32),
+            torch.tensor([max(1, t - 1 - 2 * i) for i in range(b)], dtype=torch.int64))
+
+
+def _batched_run(model: PonderLM, sess: Any, ids: Tensor, cutoff: float | None,
+                 thresholds: tuple[float, ...]) -> dict[str, Any]:
+    """The batching inputs: ``row_threshold`` and ``row_lengths`` (right padding) against PyTorch's forward with
+    the same per-row thresholds and lengths (logits of the real tokens, every token depth, layers executed)."""
+    import numpy as np
+
+    row_threshold, lengths = batch_plan(ids, thresholds)
+    with torch.no_grad():
+        ref = model(ids, threshold=row_threshold, lengths=lengths)
+    feed = {"input_ids": ids.numpy(), "row_threshold": row_threshold.numpy(), "row_lengths": lengths.numpy()}
+    if cutoff is not None:
+        feed["compaction_cutoff"] = np.array(cutoff, dtype=np.float32)
+    logits, layers, depth = sess.run(None, feed)
+    real = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).numpy()
+    diff = float(np.abs(logits - ref.logits.numpy())[real].max())
+    check = {"graph": "scoring", "batched": True, "shape": list(ids.shape), "threshold": row_threshold.tolist(),
+             "row_lengths": lengths.tolist(), "compaction_cutoff": cutoff, "max_logit_diff": diff,
+             "layers_executed": int(layers), "torch_layers_executed": ref.layers_executed,
+             "depth_equal": bool((depth == ref.depth.numpy()).all())}
+    if diff > LOGITS_TOLERANCE or check["layers_executed"] != ref.layers_executed or not check["depth_equal"]:
+        raise ExportError(f"the exported graph's batching inputs disagree with PyTorch ({_describe(model)}): {check}")
+    return check
 
 
 def check_decode(model: PonderLM, path: Path, samples: list[Tensor], thresholds: tuple[float, ...] = CHECK_THRESHOLDS,
@@ -143,13 +183,20 @@ def check_decode(model: PonderLM, path: Path, samples: list[Tensor], thresholds:
         for ids, cutoff, threshold in ((i, c, t) for i in samples for c in cutoffs for t in thresholds):
             model.compaction = "off" if cutoff is None else "auto"
             checks += _decode_run(model, sess, names, past_names, present_names, ids, cutoff, threshold)
+            if threshold == thresholds[-1]:  # once per sample and cutoff: rows left-padded, each its own threshold
+                row_threshold, lengths = batch_plan(ids, thresholds)
+                checks += _decode_run(model, sess, names, past_names, present_names, ids, cutoff, row_threshold,
+                                      pads=ids.shape[1] - lengths)
     finally:
         model.compaction = saved
     return checks
 
 
 def _decode_run(model: PonderLM, sess: Any, names: list[str], past_names: list[str], present_names: list[str],
-                ids: Tensor, cutoff: float | None, threshold: float) -> list[dict[str, Any]]:
+                ids: Tensor, cutoff: float | None, threshold: float | Tensor,
+                pads: Tensor | None = None) -> list[dict[str, Any]]:
+    """``threshold`` a tensor: one per row (``row_threshold``); ``pads``: the first ``pads[i]`` tokens of row ``i``
+    are left padding (``attention_mask`` 0)."""
     import numpy as np
 
     from ponder.decode import decode_step
@@ -159,18 +206,24 @@ def _decode_run(model: PonderLM, sess: Any, names: list[str], past_names: list[s
     cut = max(1, t // 2)
     past, checks = None, []
     cache = {n: np.zeros((b, cfg.n_heads, 0, cfg.d_model // cfg.n_heads), np.float32) for n in past_names}
+    mask = torch.ones((b, t), dtype=torch.int64)
+    if pads is not None:
+        mask = (torch.arange(t)[None, :] >= pads.clamp(max=cut - 1)[:, None]).to(torch.int64)  # a real token each
+    batched = isinstance(threshold, Tensor)
     for start, end in [(0, cut), *((i, i + 1) for i in range(cut, min(t, cut + 3)))]:
         new = ids[:, start:end]
-        ref = decode_step(model, new, past, threshold=threshold, compaction_cutoff=cutoff)
+        ref = decode_step(model, new, past, mask[:, :end], threshold=threshold, compaction_cutoff=cutoff)
         past = ref.present
-        feed = {"input_ids": new.numpy(), "attention_mask": np.ones((b, end), np.int64),
-                "act_threshold": np.array(threshold, dtype=np.float32), **cache}
+        feed = {"input_ids": new.numpy(), "attention_mask": mask[:, :end].numpy(), **cache}
+        feed.update({"row_threshold": threshold.numpy()} if batched else
+                    {"act_threshold": np.array(threshold, dtype=np.float32)})
         if cutoff is not None:
             feed["compaction_cutoff"] = np.array(cutoff, dtype=np.float32)
         out = dict(zip(names, sess.run(None, feed), strict=True))
         cache = {p: out[q] for p, q in zip(past_names, present_names, strict=True)}
         diff = float(np.abs(out["logits"] - ref.logits.numpy()).max())
-        check = {"graph": "decode", "shape": list(new.shape), "past": start, "threshold": threshold,
+        check = {"graph": "decode", "batched": batched, "shape": list(new.shape), "past": start,
+                 "threshold": threshold.tolist() if batched else threshold,
                  "compaction_cutoff": cutoff, "max_logit_diff": diff, "layers_executed": int(out["layers_executed"]),
                  "torch_layers_executed": ref.layers_executed,
                  "depth_equal": bool((out["token_depth"] == ref.depth.numpy()).all())}
@@ -272,17 +325,20 @@ def export_model(model: PonderLM, path: str | Path, *, metadata: dict[str, Any] 
                               f"{summary[:300]}") from exc
         compaction_meta = {"compaction": compaction, "compaction_cutoff": "" if cutoff is None else str(cutoff)}
         decode_meta = {"decode_graph": decode_path(path).name} if decode else {}
-        _finish(staged, {**_metadata(model), **compaction_meta, **decode_meta, **(metadata or {})})
+        batching = {"batching": {"row_threshold": True, "row_lengths": True}}
+        _finish(staged, {**_metadata(model), **compaction_meta, **decode_meta, **batching, **(metadata or {})})
         samples = samples or sample_inputs(model)
         cutoffs = (None,) if cutoff is None else tuple(dict.fromkeys((cutoff, 0.0, 1.0)))
         checks = check_parity(model, staged, samples, cutoffs=cutoffs) if check and not unrolled else []
         if decode:
-            _finish(decode_path(staged), {**_metadata(model), "graph": "decode", **(metadata or {})})
+            _finish(decode_path(staged), {**_metadata(model), "graph": "decode", **DECODE_BATCHING,
+                                          **(metadata or {})})
             if check:
                 checks += check_decode(model, decode_path(staged), samples, cutoffs=cutoffs)
             os.replace(decode_path(staged), decode_path(path))
         os.replace(staged, path)
-    return ExportReport(path, opset, checks, time.perf_counter() - started)
+    return ExportReport(path, opset, [c for c in checks if not c["batched"]], time.perf_counter() - started,
+                        [c for c in checks if c["batched"]])
 
 
 def _metadata(model: PonderLM) -> dict[str, Any]:
@@ -400,7 +456,9 @@ def _serving_config(model: PonderLM, tokenizer: dict[str, Any], *, name: str, ve
         "vocab_size": model.cfg.vocab_size,
         "defaults": {"act_threshold": model.dials.value("act_threshold")},
         "inputs": {"input_ids": "int64 [batch, seq], seq <= max_seq_len",
-                   "act_threshold": "float32 scalar in (0, 1], optional (1.0: every layer)"},
+                   "act_threshold": "float32 scalar in (0, 1], optional (1.0: every layer)",
+                   "row_threshold": "float32 [batch], optional: each row's threshold (<= 0: act_threshold)",
+                   "row_lengths": "int64 [batch], optional: right padding at positions >= length (default: none)"},
         "outputs": {"logits": "float32 [batch, seq, vocab]", "layers_executed": "int64 scalar: layers actually run",
                     "token_depth": "int64 [batch, seq]: layers each token ran"},
         "norm": model.norm_spec.to_json(), "halting": model.halting_spec.to_json(),

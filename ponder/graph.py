@@ -5,7 +5,8 @@ per branch, so a 6-layer model took a minute and twice that once each layer had 
 branch. Every layer has the same structure, though, only other weights. So the pieces are traced
 once each, with the layer's weights as *inputs*:
 
-- the prologue: ``input_ids`` -> the initial halting state, the RoPE tables and the attention mask;
+- the prologue: ``input_ids`` and ``row_lengths`` -> the initial halting state (padding halted), the RoPE
+  tables and the attention mask;
 - the layer step, dense and (with compaction) compacted: the carried state and one layer's weights
   -> the state after that layer;
 - the choice: which step a layer runs, from the tokens still running (and ``compaction_cutoff``);
@@ -16,6 +17,11 @@ before it); each later layer is an ``If`` on "run dense" whose branch is a renam
 traced step bound to that layer's weights (outer-scope initializers), and whose other branch is
 an ``If`` on "run compacted" (else: pass the state through). Export time no longer grows with
 depth.
+
+Batching (``per_row``): the optional ``row_threshold`` ``[batch]`` gives each row its own threshold (a value <= 0
+takes the scalar ``act_threshold``), which reaches every step as ``[batch, 1]``; the optional ``row_lengths``
+``[batch]`` marks right padding, which starts halted with depth 0 (``ponder.model.halt_padding``), so a padded
+batch gives each row its own answer.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ponder.contracts.halting import HaltState
-from ponder.model import PonderLM, Rows, attention_mask, compacted_step, rope_tables
+from ponder.model import PonderLM, Rows, attention_mask, compacted_step, halt_padding, padding, rope_tables
 
 STATE = ("halted", "cum", "depth", "output", "hidden", "layers")
 TABLES = ("cos", "sin", "mask")
@@ -42,12 +48,12 @@ class Prologue(nn.Module):
         super().__init__()
         self.model, self.window = model, window
 
-    def forward(self, input_ids: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, input_ids: Tensor, row_lengths: Tensor) -> tuple[Tensor, ...]:
         m = self.model
         t = input_ids.shape[1]
         cos, sin = rope_tables(t, m.cfg.d_model // m.cfg.n_heads, m.dials.value("rope_base"), input_ids.device)
         mask = attention_mask(t, m.cfg.n_heads, m.cfg.n_local_heads, self.window, input_ids.device)
-        st = m.halting.init_state(m.embed(input_ids))
+        st = halt_padding(m.halting.init_state(m.embed(input_ids)), padding(row_lengths, t))
         return st.halted, st.cum, st.depth, st.output, st.hidden, torch.zeros((), dtype=torch.int64), cos, sin, mask
 
 
@@ -215,6 +221,40 @@ class _Builder:
         return helper.make_graph(nodes, prefix, [], [_typed(f"{prefix}/{i}", t) for i, t in enumerate(types)])
 
 
+def per_row(b: _Builder, model: PonderLM, lengths: bool) -> dict[str, str]:
+    """Nodes (into ``b``) for the batching inputs: the threshold of each row, ``[batch, 1]``, from the optional
+    ``row_threshold`` ``[batch]`` (a value <= 0, as its default ``[0]``, takes ``act_threshold``) and, with
+    ``lengths``, the optional ``row_lengths`` ``[batch]`` (default: every row full length) as ``[batch]``. The
+    defaults are initializers. Returns the names the traced pieces take instead of the inputs."""
+    from onnx import helper
+
+    b.constant("act_threshold", np.array(model.dials.value("act_threshold"), dtype=np.float32))
+    b.constant("row_threshold", np.zeros(1, dtype=np.float32))  # every row: act_threshold
+    b.nodes += [helper.make_node("Shape", ["input_ids"], ["batch/size"], end=1),
+                helper.make_node("Greater", ["row_threshold", b.constant("batch/zero", np.array(0, np.float32))],
+                                 ["batch/row-set"]),
+                helper.make_node("Where", ["batch/row-set", "row_threshold", "act_threshold"], ["batch/threshold"]),
+                helper.make_node("Expand", ["batch/threshold", "batch/size"], ["batch/thresholds"]),
+                helper.make_node("Unsqueeze", ["batch/thresholds", b.constant("batch/axis", np.array([1], np.int64))],
+                                 ["batch/act_threshold"])]
+    names = {"act_threshold": "batch/act_threshold"}
+    if lengths:
+        b.constant("row_lengths", np.array([model.cfg.max_seq_len], dtype=np.int64))  # every row full length
+        b.nodes.append(helper.make_node("Expand", ["row_lengths", "batch/size"], ["batch/row_lengths"]))
+        names["row_lengths"] = "batch/row_lengths"
+    return names
+
+
+def batching_inputs(lengths: bool) -> list[Any]:
+    """The graph inputs :func:`per_row` reads besides ``act_threshold``, declared after every older input."""
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info("row_threshold", TensorProto.FLOAT, ["batch"])]
+    if lengths:
+        inputs.append(helper.make_tensor_value_info("row_lengths", TensorProto.INT64, ["batch"]))
+    return inputs
+
+
 def _typed(name: str, type_proto: Any) -> Any:
     import onnx
 
@@ -235,10 +275,11 @@ def build(model: PonderLM, compaction: str, cutoff: float | None, opset: int, un
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=2, max=max(2, cfg.max_seq_len))
     ids = torch.zeros((2, min(16, cfg.max_seq_len)), dtype=torch.int64)
+    lengths = torch.full((2,), ids.shape[1], dtype=torch.int64)
     with torch.no_grad():  # example values; cloned, as the initial state shares one zeros tensor between fields
-        prologue_out = tuple(t.clone() for t in Prologue(model, window)(ids))
-    prologue = _trace(Prologue(model, window), (ids,), ["input_ids"], [*STATE, *TABLES],
-                      {"input_ids": {0: batch, 1: seq}}, opset)
+        prologue_out = tuple(t.clone() for t in Prologue(model, window)(ids, lengths))
+    prologue = _trace(Prologue(model, window), (ids, lengths), ["input_ids", "row_lengths"], [*STATE, *TABLES],
+                      {"input_ids": {0: batch, 1: seq}, "row_lengths": {0: batch}}, opset)
 
     template = uniform_template(model)
     signature = [(n, tuple(p.shape)) for n, p in tensors_of(template)]
@@ -250,8 +291,9 @@ def build(model: PonderLM, compaction: str, cutoff: float | None, opset: int, un
     for compact in ([False, True] if compaction != "off" else [False]):
         step = TracedLayer(model, template, window, compact)
         weights = tuple(t.detach() for _, t in tensors_of(template))
-        args = (*prologue_out, torch.tensor(0.9), torch.tensor(1, dtype=torch.int64), *weights)
-        shapes = [tuple(state_shapes + table_shapes + [None, None] + [None] * len(weights))]  # the one *args
+        args = (*prologue_out, torch.full((2, 1), 0.9), torch.tensor(1, dtype=torch.int64), *weights)
+        # the one *args; the threshold comes per row, [batch, 1]
+        shapes = [tuple(state_shapes + table_shapes + [{0: batch}, None] + [None] * len(weights))]
         steps[compact] = _trace(step, args, step_names + weight_names, [f"next_{s}" for s in STATE], shapes, opset)
     if unrolled:
         choice = None
@@ -265,13 +307,14 @@ def build(model: PonderLM, compaction: str, cutoff: float | None, opset: int, un
                       ["logits", "token_depth"], {"output": {0: batch, 1: seq}, "depth": {0: batch, 1: seq}}, opset)
 
     b = _Builder()
-    out = b.inline(prologue, "prologue", {"input_ids": "input_ids"}, "prologue")
+    rows = per_row(b, model, lengths=True)
+    out = b.inline(prologue, "prologue", {"input_ids": "input_ids", "row_lengths": rows["row_lengths"]}, "prologue")
     state, tables = out[:6], dict(zip(TABLES, out[6:], strict=True))
     types = [o.type for o in steps[False].output]
     for i, block in enumerate(model.blocks):
         bound = {name: b.constant(f"layer{i}/{n}", t.detach().numpy()) for name, (n, t) in
                  zip(weight_names, tensors_of(block), strict=True)}
-        bound.update(dict(zip(STATE, state, strict=True)), **tables, act_threshold="act_threshold",
+        bound.update(dict(zip(STATE, state, strict=True)), **tables, act_threshold=rows["act_threshold"],
                      layer=b.constant(f"layer{i}/index", np.array(i, dtype=np.int64)))
         if i == 0 or unrolled:  # nothing has halted before the first layer: it always runs, densely
             state = b.inline(steps[False], "dense", bound, f"layer{i}")
@@ -304,10 +347,10 @@ def build(model: PonderLM, compaction: str, cutoff: float | None, opset: int, un
 
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info("act_threshold", TensorProto.FLOAT, [])]
-    b.constant("act_threshold", np.array(model.dials.value("act_threshold"), dtype=np.float32))
     if compaction != "off":
         inputs.append(helper.make_tensor_value_info("compaction_cutoff", TensorProto.FLOAT, []))
         b.constant("compaction_cutoff", np.array(cutoff, dtype=np.float32))
+    inputs += batching_inputs(lengths=True)
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size]),
                helper.make_tensor_value_info("layers_executed", TensorProto.INT64, []),
                helper.make_tensor_value_info("token_depth", TensorProto.INT64, ["batch", "seq"])]

@@ -51,6 +51,29 @@ def attention_mask(seq_len: int, n_heads: int, n_local: int, window: int, device
     return (is_local & local) | (~is_local & causal)  # boolean logic, not where(): ONNX Runtime has no bool Where
 
 
+def padding(lengths: Tensor, t: int) -> Tensor:
+    """``[B, t]``, True at the positions at or past each row's length (``lengths`` ``[B]``): right padding."""
+    return torch.arange(t, device=lengths.device)[None, :] >= lengths.reshape(-1, 1)
+
+
+def halt_padding(state: HaltState, pad: Tensor) -> HaltState:
+    """The initial ``state`` with the ``pad`` tokens ([B, T] bool) halted from the start: depth 0, their weight
+    taken (cum 1), so no layer updates them and none runs for them alone."""
+    return state._replace(halted=state.halted | pad, cum=torch.maximum(state.cum, pad.to(state.cum.dtype)))
+
+
+def row_threshold(threshold: Tensor, batch: int, check: Callable[[float], float]) -> Tensor:
+    """A threshold tensor, a scalar or one per batch row (``[batch]``), as ``[1 or batch, 1]`` float32: it
+    broadcasts over the tokens of ``[batch, seq]`` and over a compacted layer's rows ``[batch, n]``. ``check``
+    vets each value (the dial's range)."""
+    if threshold.dim() > 1 or threshold.numel() not in (1, batch):
+        raise ValueError(f"a threshold tensor must be a scalar or one per batch row ([{batch}]), got "
+                         f"{list(threshold.shape)}")
+    for value in threshold.flatten().tolist():
+        check(value)
+    return threshold.to(torch.float32).reshape(-1, 1)
+
+
 class Rows(NamedTuple):
     """The positions a compacted layer computes: in each batch row its running tokens first, ``n``
     per row (the largest running count; shorter rows are padded with halted tokens, which the
@@ -238,19 +261,24 @@ class PonderLM(nn.Module):
                  doc="cumulative halting probability at which a token stops"),
         )
 
-    def forward(self, input_ids: Tensor, targets: Tensor | None = None,
-                threshold: float | None = None) -> ModelOutput:
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None, threshold: float | Tensor | None = None,
+                lengths: Tensor | None = None) -> ModelOutput:
+        """``threshold``: a float, or a tensor (a scalar or one per batch row, ``[B]``; None: the dial's).
+        ``lengths`` ``[B]``: rows right-padded to ``T``; a position at or past its row's length is padding,
+        halted from the start (depth 0), never updated, and no layer runs for it (as the exported graph's
+        ``row_lengths``)."""
         b, t = input_ids.shape
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds the model's max_seq_len {self.cfg.max_seq_len}")
-        threshold = self.dials.value("act_threshold") if threshold is None else self.dials["act_threshold"].check(
-            threshold)
+        threshold = self.threshold_for(threshold, b, input_ids.device)
         head_dim = self.cfg.d_model // self.cfg.n_heads
         cos, sin = rope_tables(t, head_dim, self.dials.value("rope_base"), input_ids.device)
         mask = attention_mask(t, self.cfg.n_heads, self.cfg.n_local_heads, self.dials["attn_window"].as_int(),
                               input_ids.device)
         halting = self.halting
         state = halting.init_state(self.embed(input_ids))
+        if lengths is not None:
+            state = halt_padding(state, padding(lengths.to(input_ids.device), t))
         per_layer = halting.per_layer_task_loss and targets is not None
         expected_task = input_ids.new_zeros((b, t), dtype=state.cum.dtype)
         layers = 0
@@ -277,6 +305,16 @@ class PonderLM(nn.Module):
             out.halt_loss = halting.loss(state)
             out.loss = out.task_loss + out.halt_loss
         return out
+
+    def threshold_for(self, threshold: float | Tensor | None, batch: int, device=None) -> float | Tensor:
+        """The threshold a forward uses: the dial's (None), a checked float, or a checked tensor as ``[1 or B, 1]``
+        (:func:`row_threshold`)."""
+        dial = self.dials["act_threshold"]
+        if threshold is None:
+            return dial.value
+        if isinstance(threshold, Tensor):
+            return row_threshold(threshold, batch, dial.check).to(device)
+        return dial.check(threshold)
 
     def _all_halted(self, halted: Tensor) -> bool:
         """Whether the loop may stop. Training on several ranks, every rank runs until the global batch has

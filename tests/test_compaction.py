@@ -63,3 +63,35 @@ def test_auto_compacts_only_below_the_cutoff_and_never_in_training(monkeypatch):
     model.compaction = "on"
     model(ids, ids, threshold=0.9).loss.backward()  # training: always dense
     assert calls == [running, ids.shape[1]]
+
+
+@pytest.mark.parametrize("halting", HALTING)
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_a_padded_batch_at_a_threshold_per_row_gives_each_row_alone(halting, mode):
+    """The forward's ``threshold`` tensor (one per row) and ``lengths`` (right padding): every halting rule
+    broadcasts the per-row threshold, dense and over compacted rows; padding starts halted and runs no layer."""
+    model = tiny("rmsnorm", halting, n_layers=3)
+    model.compaction = mode
+    ids = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(3))
+    lengths, thresholds = [12, 7, 3, 5], [0.9, 0.05, 1.0, 0.5]
+    with torch.no_grad():
+        batch = model(ids, threshold=torch.tensor(thresholds), lengths=torch.tensor(lengths))
+        alone = [model(row[None, :n], threshold=t) for row, n, t in zip(ids, lengths, thresholds, strict=True)]
+    for r, (n, out) in enumerate(zip(lengths, alone, strict=True)):
+        assert torch.allclose(batch.logits[r, :n], out.logits[0], atol=1e-5), r
+        assert torch.equal(batch.depth[r, :n], out.depth[0]) and not batch.depth[r, n:].any(), r
+        assert int(batch.depth[r].max()) == out.layers_executed, r
+    assert batch.layers_executed == max(out.layers_executed for out in alone)
+    if halting != "fixed":
+        assert len({out.layers_executed for out in alone}) > 1  # the rows' own thresholds really differ in effect
+
+
+def test_a_threshold_tensor_is_checked():
+    model = tiny("layernorm", "act")
+    ids = samples()[0]
+    with pytest.raises(ValueError, match="one per batch row"):
+        model(ids, threshold=torch.tensor([0.5, 0.5, 0.5]))
+    with pytest.raises(Exception, match="outside"):
+        model(ids, threshold=torch.tensor([0.5, 0.0]))
+    with torch.no_grad():  # a scalar tensor is the float
+        assert torch.equal(model(ids, threshold=torch.tensor(0.5)).depth, model(ids, threshold=0.5).depth)

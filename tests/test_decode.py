@@ -93,6 +93,34 @@ def test_rows_of_different_lengths_share_a_step_through_the_attention_mask():
     assert torch.allclose(step.logits[1], ref.logits[0], atol=1e-4)
 
 
+@pytest.mark.parametrize("halting", HALTING)
+def test_left_padding_starts_halted_and_each_row_keeps_its_own_threshold(halting):
+    """A prefill of prompts of different lengths, left-padded, each row at its own threshold (a tensor): every row
+    is what it is alone (logits, depths, its deepest token's depth as its layer count); padding has depth 0."""
+    model = tiny("layernorm", halting)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 256, (1, n), generator=gen) for n in (10, 4, 7)]
+    thresholds = [0.9, 0.05, 0.5]
+    ids = torch.cat([torch.cat([torch.zeros(1, 10 - p.shape[1], dtype=torch.int64), p], 1) for p in prompts])
+    mask = torch.stack([torch.arange(10) >= 10 - p.shape[1] for p in prompts]).to(torch.int64)
+    both = decode_step(model, ids, None, mask, threshold=torch.tensor(thresholds))
+    alone = [decode_step(model, p, None, threshold=t) for p, t in zip(prompts, thresholds, strict=True)]
+    for r, (p, out) in enumerate(zip(prompts, alone, strict=True)):
+        n = p.shape[1]
+        assert torch.allclose(both.logits[r, -n:], out.logits[0], atol=1e-5), r
+        assert torch.equal(both.depth[r, -n:], out.depth[0]) and not both.depth[r, :-n].any(), r
+        assert int(both.depth[r].max()) == out.layers_executed, r
+    assert both.layers_executed == max(out.layers_executed for out in alone)
+    if halting != "fixed":
+        assert len({out.layers_executed for out in alone}) > 1
+    nxt = torch.tensor([[7], [9], [11]])
+    step = decode_step(model, nxt, both.present, torch.cat([mask, torch.ones(3, 1, dtype=torch.int64)], 1),
+                       threshold=torch.tensor(thresholds))
+    for r, (out, t) in enumerate(zip(alone, thresholds, strict=True)):
+        ref = decode_step(model, nxt[r:r + 1], out.present, threshold=t)
+        assert torch.allclose(step.logits[r], ref.logits[0], atol=1e-5) and torch.equal(step.depth[r], ref.depth[0])
+
+
 @pytest.mark.parametrize("threshold", THRESHOLDS)
 def test_generation_past_the_context_prefills_the_last_half_again(threshold):
     model = tiny("layernorm", "act", seed=4)

@@ -26,13 +26,13 @@ NORMS = [i.name for i in BUILTINS.list_plugins("norm")]
 HALTING = [i.name for i in BUILTINS.list_plugins("halting")]
 
 
-def tiny(norm: str, halting: str, seed: int = 0) -> PonderLM:
+def tiny(norm: str, halting: str, seed: int = 0, n_layers: int = 2) -> PonderLM:
     """A small model with its parameters spread out, so tokens halt at different depths and folding matters."""
     torch.manual_seed(seed)
     params = {} if halting == "fixed" else {"bias_init": 2.0}  # most tokens halt after layer 1 at low thresholds
     # DyT and ADyT at alpha 0.5 rather than their width-32 default (8.84): inputs spread over tanh's S, not its tails
     norm_params = {"alpha_init_value": 0.5} if norm in ("dyt", "adyt") else {}
-    model = PonderLM(ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=2, n_local_heads=1, d_ff=64,
+    model = PonderLM(ModelConfig(vocab_size=40, d_model=32, n_layers=n_layers, n_heads=2, n_local_heads=1, d_ff=64,
                                  max_seq_len=32, attn_window=6.0, act_threshold=0.9),
                      norm=PluginSpec(norm, norm_params), halting=PluginSpec(halting, params))
     with torch.no_grad():
@@ -71,6 +71,13 @@ def test_parity_for_every_norm_and_halting_plugin(tmp_path, norm, halting):
     # the decode graph: per shape a prefill of half and three steps through the cache, at four thresholds and the
     # three cutoffs (dense, compacted wherever a token halted, the default)
     assert len(decoding) == 3 * 4 * 4 * 3 and {c["past"] > 0 for c in decoding} == {True, False}
+    # and per shape and cutoff the batching inputs, against PyTorch: a threshold per row, the rows right-padded
+    # (scoring), or left-padded through a prefill and three steps (decode)
+    batched = [c for c in report.batched_checks if c["graph"] == "scoring"]
+    assert len(batched) == 3 * 3 and all(min(c["row_lengths"]) < c["shape"][1] for c in batched)
+    assert len(report.batched_checks) == 3 * 3 + 3 * 3 * 4
+    assert all(c["max_logit_diff"] <= 1e-4 and c["depth_equal"] and c["layers_executed"] == c["torch_layers_executed"]
+               for c in report.batched_checks)
     assert {c["compaction_cutoff"] for c in decoding} == {0.0, 1.0, DEFAULT_COMPACTION_CUTOFF}
     assert all(c["max_logit_diff"] <= 1e-4 and c["depth_equal"] for c in report.checks)
     assert all(c["layers_executed"] == c["torch_layers_executed"] for c in report.checks)
@@ -105,10 +112,11 @@ def test_each_compaction_mode_runs_the_step_it_says(tmp_path, mode):
     ids = samples()[0].numpy()
     partly = {"input_ids": ids, "act_threshold": np.array(0.9, np.float32)}  # some tokens halt after layer 0
     if mode == "off":
-        assert inputs == ["input_ids", "act_threshold"] and meta["compaction"] == "off"
+        assert inputs == ["input_ids", "act_threshold", "row_threshold", "row_lengths"] and meta["compaction"] == "off"
         assert _ran(tmp_path / "m.onnx", partly) == {"dense"}
         return
-    assert inputs == ["input_ids", "act_threshold", "compaction_cutoff"] and meta["compaction"] == mode
+    assert inputs == ["input_ids", "act_threshold", "compaction_cutoff", "row_threshold", "row_lengths"]
+    assert meta["compaction"] == mode
     default = 1.0 if mode == "on" else DEFAULT_COMPACTION_CUTOFF
     assert float(meta["compaction_cutoff"]) == default
     with torch.no_grad():
@@ -133,6 +141,133 @@ def test_threshold_is_an_optional_input_defaulting_to_the_trained_value(tmp_path
     low = engine.infer(ids, 0.05)
     assert low.layers_executed <= explicit.layers_executed and low.mean_token_depth < explicit.mean_token_depth
     assert engine.infer(ids, 1.0).layers_executed == 2
+
+
+@pytest.fixture(scope="module")
+def batching(tmp_path_factory):
+    """A 3-layer compacting export with its decode graph (unchecked here: the parity test checks its batching
+    inputs against PyTorch), and ONNX Runtime sessions on both."""
+    from ponder.export import session
+    from ponder.model_repository import decode_path
+
+    path = tmp_path_factory.mktemp("batching") / "m.onnx"
+    model = tiny("layernorm", "act", n_layers=3)
+    export_model(model, path, check=False, compaction="auto")
+    return model, path, session(path), session(decode_path(path))
+
+
+def _scores(sess, ids, **feed):
+    extra = {k: np.asarray(v, np.int64 if k == "row_lengths" else np.float32) for k, v in feed.items()}
+    logits, layers, depth = sess.run(None, {"input_ids": np.asarray(ids, np.int64), **extra})
+    return logits, int(layers), depth
+
+
+@pytest.mark.parametrize("cutoff", [0.0, DEFAULT_COMPACTION_CUTOFF, 1.0])
+def test_a_padded_batch_gives_each_row_its_unbatched_answer(batching, cutoff):
+    """Rows of different lengths, right-padded into one batch, each at its own threshold (``row_threshold``,
+    ``row_lengths``): each row's logits, token depths and layer count are those of the row run alone."""
+    model, path, sess, _ = batching
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 40, (4, 14), generator=gen).numpy()
+    lengths, thresholds = [14, 9, 5, 2], [0.9, 0.5, 1.0, 0.05]
+    logits, layers, depth = _scores(sess, ids, row_threshold=thresholds, row_lengths=lengths,
+                                    compaction_cutoff=cutoff)
+    deepest = []
+    for r, (n, threshold) in enumerate(zip(lengths, thresholds, strict=True)):
+        alone = _scores(sess, ids[r:r + 1, :n], act_threshold=threshold, compaction_cutoff=cutoff)
+        assert np.abs(logits[r, :n] - alone[0][0]).max() <= 1e-5, r
+        assert np.array_equal(depth[r, :n], alone[2][0]) and not depth[r, n:].any(), r  # padding: depth 0
+        assert depth[r].max() == alone[1], r  # the row's own layer count is its deepest token's depth
+        deepest.append(alone[1])
+    assert layers == max(deepest) == depth.max()
+    assert len(set(deepest)) > 1  # the rows really halt at different depths
+    # a row <= 0 takes act_threshold (the scalar an old caller feeds, or the trained one)
+    mixed = _scores(sess, ids, act_threshold=0.5, row_threshold=[0.0, 0.5, 0.0, 0.5], compaction_cutoff=cutoff)
+    same = _scores(sess, ids, act_threshold=0.5, compaction_cutoff=cutoff)
+    assert np.array_equal(mixed[0], same[0]) and np.array_equal(mixed[2], same[2]) and mixed[1] == same[1]
+
+
+def test_padding_never_runs_a_layer(batching):
+    """A batch whose real tokens all halted stops, however deep its padding would have run."""
+    model, path, sess, _ = batching
+    ids = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(6)).numpy()
+    unpadded = _scores(sess, ids, act_threshold=1.0)
+    assert unpadded[1] == 3 and (unpadded[2] == 3).all()  # every token runs every layer at 1.0 ...
+    short = _scores(sess, ids, row_threshold=[0.05, 0.05], row_lengths=[3, 2])
+    alone = [_scores(sess, ids[r:r + 1, :n], act_threshold=0.05) for r, n in enumerate([3, 2])]
+    assert short[1] == max(a[1] for a in alone) < 3  # ... the real tokens halted early: so did the batch
+    padded = _scores(sess, ids, row_threshold=[1.0, 0.05], row_lengths=[16, 2])
+    assert padded[1] == 3 and (padded[2][1, :2] == alone[1][2][0]).all() and not padded[2][1, 2:].any()
+    with torch.no_grad():  # PyTorch's forward takes the same per-row thresholds and lengths
+        ref = model(torch.from_numpy(ids), threshold=torch.tensor([1.0, 0.05]), lengths=torch.tensor([16, 2]))
+    assert ref.layers_executed == 3 and np.array_equal(ref.depth.to(torch.int64).numpy(), padded[2])
+
+
+def test_a_left_padded_decode_batch_gives_each_row_its_unbatched_steps(batching):
+    """The decode graph: prompts of different lengths left-padded into one prefill (padding starts halted), each
+    row at its own threshold (``row_threshold``), then steps through the cache: each row's logits, depths and
+    layer count are those of the row decoded alone."""
+    from ponder.decode_graph import cache_names
+
+    model, path, _, dec = batching
+    cfg = model.cfg
+    past_names, present_names = cache_names(cfg.n_layers)
+    names = [o.name for o in dec.get_outputs()]
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 40, (n,), generator=gen).numpy() for n in (9, 4, 6)]
+    thresholds = [0.9, 0.05, 1.0]
+    nxt = torch.randint(0, 40, (3, 2), generator=gen).numpy()
+    empty = np.zeros((1, cfg.n_heads, 0, cfg.d_model // cfg.n_heads), np.float32)
+
+    def run(ids, mask, cache, **feed):
+        out = dec.run(None, {"input_ids": ids, "attention_mask": mask, **dict(zip(past_names, cache, strict=True)),
+                             **{k: np.asarray(v, np.float32) for k, v in feed.items()}})
+        out = dict(zip(names, out, strict=True))
+        return out, [out[p] for p in present_names]
+
+    width = max(len(p) for p in prompts)
+    ids = np.stack([np.pad(p, (width - len(p), 0)) for p in prompts])
+    mask = np.stack([np.pad(np.ones(len(p), np.int64), (width - len(p), 0)) for p in prompts])
+    batch, cache = run(ids, mask, [np.repeat(empty, 3, 0)] * len(past_names), row_threshold=thresholds)
+    alone = [run(p[None], np.ones((1, len(p)), np.int64), [empty] * len(past_names), act_threshold=t)
+             for p, t in zip(prompts, thresholds, strict=True)]
+    depths = set()
+    for step in range(nxt.shape[1] + 1):
+        for r in range(len(prompts)):
+            own, _ = alone[r]
+            real = len(own["token_depth"][0])
+            assert np.abs(batch["logits"][r, -real:] - own["logits"][0]).max() <= 1e-5, (step, r)
+            assert np.array_equal(batch["token_depth"][r, -real:], own["token_depth"][0]), (step, r)
+            assert not batch["token_depth"][r, :-real].any()  # left padding of the prefill: depth 0
+            assert batch["token_depth"][r].max() == int(own["layers_executed"]), (step, r)
+            depths.add(int(own["layers_executed"]))
+        assert int(batch["layers_executed"]) == batch["token_depth"].max()
+        if step == nxt.shape[1]:
+            break
+        mask = np.concatenate([mask, np.ones((3, 1), np.int64)], 1)
+        batch, cache = run(nxt[:, step:step + 1], mask, cache, row_threshold=thresholds)
+        alone = [run(nxt[r:r + 1, step:step + 1], np.ones((1, len(p) + step + 1), np.int64), alone[r][1],
+                     act_threshold=t) for r, (p, t) in enumerate(zip(prompts, thresholds, strict=True))]
+    assert len(depths) > 1
+
+
+def test_batching_is_in_the_metadata_and_old_feeds_still_work(batching):
+    model, path, sess, dec = batching
+    from ponder.model_repository import decode_path
+
+    meta = read_metadata(path)
+    assert meta["batching"] == {"row_threshold": True, "row_lengths": True}
+    assert [name for name, _ in meta["inputs"]][-2:] == ["row_threshold", "row_lengths"]
+    assert ("act_threshold", "float[]") in meta["inputs"] and ("row_lengths", "int64[batch]") in meta["inputs"]
+    decode_meta = read_metadata(decode_path(path))
+    assert decode_meta["batching"] == {"row_threshold": True, "padding_halts": True}
+    assert [name for name, _ in decode_meta["inputs"]][-1] == "row_threshold"
+    ids = samples()[0]
+    engine = Engine(path)  # what a caller of an older export feeds: a scalar threshold, nothing else
+    with torch.no_grad():
+        ref = model(ids, threshold=0.5)
+    out = engine.infer(ids.numpy(), 0.5)
+    assert np.abs(out.logits - ref.logits.numpy()).max() <= 1e-4 and out.layers_executed == ref.layers_executed
 
 
 @pytest.mark.parametrize("norm", ["dyt", "adyt"])

@@ -6,9 +6,11 @@ graph use a rule through four things only:
 - ``init_state(x) -> HaltState``: the state before the first layer, from the embeddings ``x`` ``[B, T, d]``.
 - ``step(state, s, layer, threshold) -> HaltState``: after layer ``layer`` produced the new states ``s``
   ``[B, T, d]``, advance every token. Pure tensor maths: it also runs inside the exported ONNX loop, where
-  ``layer`` and ``threshold`` are tensors (use :func:`pick` to read a per-layer parameter). A token halts when
-  its cumulative weight reaches ``threshold`` (never early at 1.0) or at the last layer; halted tokens must be
-  left unchanged, and ``hidden`` of a halted token is its frozen ``output``.
+  ``layer`` and ``threshold`` are tensors (use :func:`pick` to read a per-layer parameter). ``threshold`` may be
+  one per batch row, ``[B, 1]`` (a batch of requests at different thresholds; ``[B, n]`` rows in a compacted
+  layer): use it elementwise, so it broadcasts over the tokens. A token halts when its cumulative weight reaches
+  ``threshold`` (never early at 1.0) or at the last layer; halted tokens must be left unchanged (padding starts
+  halted), and ``hidden`` of a halted token is its frozen ``output``.
 - ``loss(state) -> Tensor``: the rule's own scalar loss term (ponder cost, KL, ...), added to the task loss.
 - ``per_layer_task_loss``: True when the task loss is the expectation over halting layers (PonderNet) rather
   than the loss of the output state.
