@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,7 @@ class Engine:
         link) outside it is refused (a PonderError), not read."""
         self.path = Path(path)
         self._runs: set[Any] = set()  # the RunOptions of the runs in flight (terminate_runs stops them)
+        self._last_batch: Any = None  # the previous batched decode run: (each row's cache views, caches, mask)
         self.root = None if root is None else Path(root)
         self.metadata = read_metadata(self.path)
         self.config = self._read_config()
@@ -275,10 +277,21 @@ class Engine:
 
     # -- batched runs (the server's scheduler) -----------------------------------------------------------------
 
+    @cached_property
+    def pads(self) -> bool:
+        """The scoring graph takes ``row_lengths`` and ``row_threshold`` (exported since the scheduler came):
+        rows of any lengths and thresholds share a run."""
+        return _optional_inputs(self.session) >= {"row_lengths", "row_threshold"}
+
+    @cached_property
+    def decodes_rows(self) -> bool:
+        """The decode graph takes ``row_threshold``: generations at different thresholds share a step."""
+        return self.decode_session is not None and "row_threshold" in _optional_inputs(self.decode_session)
+
     def batch_key(self, ids: np.ndarray, threshold: float) -> tuple[Any, ...]:
-        """Requests with equal keys may share one run of :meth:`infer_rows`: the same sequence length and
-        threshold (the scoring graph takes one threshold and no padding)."""
-        return (int(ids.shape[1]), float(threshold))
+        """Requests with equal keys may share one run of :meth:`infer_rows`: any two with a graph that pads, else
+        the same sequence length and threshold (an older graph takes one threshold and no padding)."""
+        return () if self.pads else (int(ids.shape[1]), float(threshold))
 
     def infer_rows(self, requests: list[tuple[np.ndarray, float]]) -> tuple[list[InferResult], int]:
         """Several requests (``ids [rows, seq]``, threshold; equal :meth:`batch_key`) in one run. Each gets its own
@@ -287,54 +300,119 @@ class Engine:
         if len(requests) == 1:
             result = self.infer(*requests[0])
             return [result], result.layers_executed
-        ids = np.concatenate([r[0] for r in requests])
-        batch = self.infer(ids, requests[0][1])
+        if self.pads:
+            batch = self._infer_padded(requests)
+        else:
+            batch = self.infer(np.concatenate([r[0] for r in requests]), requests[0][1])
         out, row = [], 0
         for r, _ in requests:
-            depth = batch.token_depth[row:row + len(r)]
-            out.append(InferResult(batch.logits[row:row + len(r)], int(depth.max()), depth, batch.compute_ms))
+            depth = batch.token_depth[row:row + len(r), :r.shape[1]]
+            out.append(InferResult(batch.logits[row:row + len(r), :r.shape[1]], int(depth.max()), depth,
+                                   batch.compute_ms))
             row += len(r)
         return out, batch.layers_executed
 
+    def _infer_padded(self, requests: list[tuple[np.ndarray, float]]) -> InferResult:
+        """Rows of every request, right-padded to the longest; padding starts halted and never runs a layer."""
+        longest = max(r.shape[1] for r, _ in requests)
+        rows = sum(len(r) for r, _ in requests)
+        ids = np.zeros((rows, longest), dtype=np.int64)
+        lengths = np.empty(rows, dtype=np.int64)
+        thresholds = np.empty(rows, dtype=np.float32)
+        row = 0
+        for r, threshold in requests:
+            ids[row:row + len(r), :r.shape[1]] = r
+            lengths[row:row + len(r)] = r.shape[1]
+            thresholds[row:row + len(r)] = self.check_threshold(threshold)
+            row += len(r)
+        feed = {"input_ids": ids, "row_lengths": lengths, "row_threshold": thresholds}
+        start = time.perf_counter()
+        logits, layers, depth = self._run(self.session, None, feed)
+        return InferResult(logits, int(layers), depth, (time.perf_counter() - start) * 1e3)
+
     def decode_rows(self, rows: list[tuple[list[int], list[np.ndarray] | None, float]]) -> list[Step]:
-        """One step of several generations: ``(new_ids, past, threshold)`` each. A prefill (no cache yet) runs on
-        its own; the single new tokens of the others run together, one decode run per threshold, their caches
-        left-padded to the longest (the attention mask keeps the padding out, positions count real tokens only).
-        Each Step's ``compute_s`` is the run it shared."""
+        """One step of several generations: ``(new_ids, past, threshold)`` each. Prefills (no cache yet) run
+        together, their prompts left-padded (padding starts halted); the single new tokens of the others run
+        together, their caches left-padded to the longest (the attention mask keeps the padding out, positions
+        count real tokens only). A decode graph exported before ``row_threshold`` runs prefills one by one and the
+        others in one run per threshold. Each Step's ``compute_s`` is the run it shared."""
         steps: list[Step | None] = [None] * len(rows)
-        groups: dict[float, list[int]] = {}
+        groups: dict[Any, list[int]] = {}
         for i, (ids, past, threshold) in enumerate(rows):
-            if past is None or len(ids) != 1:
+            prefill = past is None or len(ids) != 1
+            if prefill and not self.decodes_rows:
                 steps[i] = self.decode_step(ids, past, threshold)
             else:
-                groups.setdefault(threshold, []).append(i)
-        for threshold, members in groups.items():
+                groups.setdefault((prefill, None if self.decodes_rows else threshold), []).append(i)
+        for (prefill, _), members in groups.items():
             if len(members) == 1:
-                i = members[0]
-                steps[i] = self.decode_step(rows[i][0], rows[i][1], threshold)
+                steps[members[0]] = self.decode_step(*rows[members[0]])
                 continue
-            for i, step in zip(members, self._decode_together([rows[i][:2] for i in members], threshold),
-                               strict=True):
+            together = self._prefill_together if prefill else self._decode_together
+            for i, step in zip(members, together([rows[i] for i in members]), strict=True):
                 steps[i] = step
         return steps  # type: ignore[return-value]
 
-    def _decode_together(self, rows: list[tuple[list[int], list[np.ndarray]]], threshold: float) -> list[Step]:
-        lengths = [past[0].shape[2] for _, past in rows]
+    def _prefill_together(self, rows: list[tuple[list[int], Any, float]]) -> list[Step]:
+        """Prompts of several generations in one run from empty caches, left-padded to the longest."""
+        lengths = [len(ids) for ids, _, _ in rows]
         longest, b = max(lengths), len(rows)
-        feed: dict[str, np.ndarray] = {"input_ids": np.asarray([ids for ids, _ in rows], dtype=np.int64),
-                                       "attention_mask": np.ones((b, longest + 1), dtype=np.int64),
-                                       "act_threshold": np.asarray(threshold, dtype=np.float32)}
-        for j, n in enumerate(lengths):
-            feed["attention_mask"][j, :longest - n] = 0
-        for k, name in enumerate(self._past_names):
-            first = rows[0][1][k]
-            cache = np.zeros((b, first.shape[1], longest, first.shape[3]), dtype=first.dtype)
-            for j, (_, past) in enumerate(rows):
-                cache[j, :, longest - lengths[j]:] = past[k][0]
-            feed[name] = cache
+        ids = np.zeros((b, longest), dtype=np.int64)
+        mask = np.zeros((b, longest), dtype=np.int64)
+        for j, (new, _, _) in enumerate(rows):
+            ids[j, longest - len(new):] = new
+            mask[j, longest - len(new):] = 1
+        empty = self._empty[:, :, :0].repeat(b, axis=0)
+        feed = {"input_ids": ids, "attention_mask": mask, **{name: empty for name in self._past_names},
+                "row_threshold": np.asarray([t for _, _, t in rows], dtype=np.float32)}
+        start = time.perf_counter()
+        out = self._run(self.prefill_session, self._decode_outputs, feed)
+        seconds = time.perf_counter() - start
+        logits, depth = out[0], out[1]
+        # each row reports its own layers (its deepest token), what it would have run alone
+        return [Step(logits[j, -1], [np.ascontiguousarray(p[j:j + 1, :, longest - n:]) for p in out[3:]],
+                     int(depth[j, -1]), int(depth[j].max()), seconds) for j, n in enumerate(lengths)]
+
+    def _decode_together(self, rows: list[tuple[list[int], list[np.ndarray], float]]) -> list[Step]:
+        """One decode run for rows of one new token each. When the rows are exactly those of the previous run, in
+        its order (every generation went on, none joined or left), that run's outputs are fed back as they are:
+        the cache is not copied again, the mask grows by one column."""
+        b = len(rows)
+        last = self._last_batch
+        if last is not None and len(last[0]) == b and all(row[1] is views for row, views in
+                                                          zip(rows, last[0], strict=True)):
+            _, caches, mask = last
+            mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
+            lengths = [int(m.sum()) - 1 for m in mask]
+        else:
+            lengths = [past[0].shape[2] for _, past, _ in rows]
+            longest = max(lengths)
+            mask = np.ones((b, longest + 1), dtype=np.int64)
+            for j, n in enumerate(lengths):
+                mask[j, :longest - n] = 0
+            caches = []
+            for k in range(len(self._past_names)):
+                first = rows[0][1][k]
+                cache = np.zeros((b, first.shape[1], longest, first.shape[3]), dtype=first.dtype)
+                for j, (_, past, _) in enumerate(rows):
+                    cache[j, :, longest - lengths[j]:] = past[k][0]
+                caches.append(cache)
+        feed: dict[str, np.ndarray] = {"input_ids": np.asarray([ids for ids, _, _ in rows], dtype=np.int64),
+                                       "attention_mask": mask, **dict(zip(self._past_names, caches, strict=True))}
+        if self.decodes_rows:
+            feed["row_threshold"] = np.asarray([t for _, _, t in rows], dtype=np.float32)
+        else:
+            feed["act_threshold"] = np.asarray(rows[0][2], dtype=np.float32)
         start = time.perf_counter()
         out = self._run(self.decode_session, self._decode_outputs, feed)
         seconds = time.perf_counter() - start
-        logits, depth, layers = out[0], out[1], int(out[2])
-        return [Step(logits[j, -1], [p[j:j + 1, :, longest - n:] for p in out[3:]], int(depth[j, -1]), layers,
-                     seconds) for j, n in enumerate(lengths)]
+        logits, depth = out[0], out[1]
+        total = mask.shape[1]
+        views = [[p[j:j + 1, :, total - n - 1:] for p in out[3:]] for j, n in enumerate(lengths)]
+        self._last_batch = (views, out[3:], mask)
+        return [Step(logits[j, -1], views[j], int(depth[j, -1]), int(depth[j, -1]), seconds) for j in range(b)]
+
+
+def _optional_inputs(session: Any) -> set[str]:
+    """The inputs a session takes with a default (ONNX Runtime lists them apart from the required ones)."""
+    return {i.name for i in session.get_overridable_initializers()}

@@ -252,13 +252,15 @@ class Scheduler:
         if not self._queue:
             return []
         first = self._queue[0]
-        batch, rows, tokens, kept = [], 0, 0, deque()
+        batch, rows, longest, kept = [], 0, 0, deque()
         for p in self._queue:
-            size = len(p.ids)
-            if p.key == first.key and rows + size <= max(self.settings.max_batch_size, len(first.ids)) and \
-                    tokens + p.ids.size <= max(self.settings.max_batch_tokens, first.ids.size):
+            size, length = p.ids.shape
+            # rows are padded to the longest: that is what the run holds
+            fits = rows + size <= self.settings.max_batch_size and \
+                (rows + size) * max(longest, length) <= self.settings.max_batch_tokens
+            if p is first or (p.key == first.key and fits):
                 batch.append(p)
-                rows, tokens = rows + size, tokens + p.ids.size
+                rows, longest = rows + size, max(longest, length)
             else:
                 kept.append(p)
         self._queue = kept

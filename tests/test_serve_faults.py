@@ -167,6 +167,46 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(model_repository):
     assert "SIGTERM: draining" in log and "stopped" in log and "Traceback" not in log
 
 
+def test_sigterm_exits_within_grace_plus_one_second_whatever_is_in_flight(model_repository):
+    """Fault 5: with long generations in flight, SIGTERM exited after 6.4 s with --grace 1. Now: within grace + 1 s;
+    work that cannot finish in the grace period gets UNAVAILABLE."""
+    proc, found, lines = start_server("--repository", str(model_repository), "--address", "127.0.0.1:0",
+                                      "--metrics-port", "0", "--workers", "1", "--grace", "1")
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{found['port']}")
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="tiny", model_version="1")
+        for name, datatype, value in (("text_input", "BYTES", b"def "), ("stream", "BOOL", True),
+                                      ("sampling_parameters", "BYTES", b'{"max_tokens": 1024}')):
+            tensor = request.inputs.add(name=name, datatype=datatype, shape=[1])
+            (tensor.contents.bytes_contents if datatype == "BYTES" else tensor.contents.bool_contents).append(value)
+        unread = [stub.ModelStreamInfer(iter([request])) for _ in range(2)]  # paused: they never finish
+        read = stub.ModelStreamInfer(iter([request] * 50))  # 50 generations in a row: longer than the grace
+        first = next(read)
+        assert not first.error_message
+        wait_for(lambda: metric(found["metrics"], "ponder_in_flight") >= 3, what="the generations to start")
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        codes = set()
+        try:
+            for reply in read:
+                if reply.error_message:
+                    codes.add(reply.error_message)
+        except grpc.RpcError as exc:
+            codes.add(exc.code().name)
+        assert proc.wait(10) == 0
+        took = time.monotonic() - signalled
+        assert took < 1 + 1, f"exited {took:.1f} s after SIGTERM with --grace 1"
+        assert codes and all("shutting down" in c or c in ("UNAVAILABLE", "CANCELLED") for c in codes), codes
+        for call in unread:
+            call.cancel()
+        channel.close()
+    finally:
+        proc.kill()
+    log = "".join(iter_lines(lines))
+    assert "Traceback" not in log
+
+
 def iter_lines(lines: queue.Queue):
     while not lines.empty():
         yield lines.get()

@@ -98,20 +98,30 @@ def test_concurrent_requests_share_one_run_and_each_gets_its_unbatched_answer(se
 
 
 @pytest.mark.settings(max_queue_delay_us=200_000, max_batch_size=8)
-def test_requests_that_cannot_share_a_run_still_get_their_own_answers(served, model_repository):
-    """Other lengths and other thresholds: each answer is still its unbatched one."""
+@pytest.mark.parametrize("pads", [True, False], ids=["graph-pads", "older-graph"])
+def test_other_lengths_and_thresholds_share_a_run_with_padding(served, model_repository, pads):
+    """Rows of other lengths and thresholds share one run through the graph's row_lengths and row_threshold
+    (padding never counts); a graph exported before those inputs runs them in groups of equal length and
+    threshold. Either way each answer is its unbatched one."""
     srv, stub, _, _ = served
+    served_engine = srv.servicer.repo.find("tiny", "1").engine
+    assert served_engine.pads
+    if not pads:
+        served_engine.pads = served_engine.decodes_rows = False  # as an older export: no batching inputs
     engine = Engine(model_repository / "tiny" / "1" / "model.onnx")
     rng = np.random.default_rng(1)
     cases = [(rng.integers(0, 256, size=(1, n)), t) for n, t in ((8, 0.5), (12, 0.5), (8, 0.9), (8, 0.5))]
+    before = stats(srv).execution_count
     with ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda c: stub.ModelInfer(ids_request(*c), timeout=30), cases))
+    assert stats(srv).execution_count - before == (1 if pads else 3)
     for (ids, threshold), reply in zip(cases, replies, strict=True):
         alone = engine.infer(ids, threshold)
         out = output_arrays(reply)
         np.testing.assert_allclose(out["logits"], alone.logits, atol=1e-5)
         np.testing.assert_array_equal(out["token_depth"], alone.token_depth)
         assert reply.parameters["layers_executed"].int64_param == alone.layers_executed
+        assert reply.parameters["mean_token_depth"].double_param == pytest.approx(alone.token_depth.mean())
 
 
 # -- generation: every stream advances in one decode run per step -------------------------------------------------
@@ -120,12 +130,23 @@ def test_concurrent_generations_share_decode_runs_and_give_their_solo_text(serve
     srv, stub, _, _ = served
     engine = Engine(model_repository / "tiny" / "1" / "model.onnx")
     prompts = ["The ", "def main", "Once upon a time, ", "x", "Hello, world", "import ", "ab", "  "]
-    solo = [engine.generate(p, SamplingParams(max_tokens=12))["token_ids"] for p in prompts]
+    thresholds = [0.9, 0.5, 0.9, 0.3, 0.9, 0.5, 1.0, 0.9]  # one decode run for all: a threshold per row
+    solo = [engine.generate(p, SamplingParams(max_tokens=12), t) for p, t in zip(prompts, thresholds, strict=True)]
     before = stats(srv).execution_count
+
+    def generate(i):
+        request = text_request(prompts[i], max_tokens=12)
+        request.parameters["act_threshold"].double_param = thresholds[i]
+        return stub.ModelInfer(request, timeout=60)
+
     with ThreadPoolExecutor(len(prompts)) as pool:
-        replies = list(pool.map(lambda p: stub.ModelInfer(text_request(p, max_tokens=12), timeout=60), prompts))
+        replies = list(pool.map(generate, range(len(prompts))))
     for alone, reply in zip(solo, replies, strict=True):
-        assert output_arrays(reply)["token_ids"].tolist() == alone
+        out = output_arrays(reply)
+        assert out["token_ids"].tolist() == alone["token_ids"]
+        assert out["token_depth"].tolist() == [s["token_depth"] for s in alone["steps"]]
+        layers = sum(s["layers_executed"] for s in alone["steps"])
+        assert reply.parameters["total_layers_executed"].int64_param == layers
     runs = stats(srv).execution_count - before
     assert runs < len(prompts) * 12 / 2, f"{runs} runs for {len(prompts) * 12} tokens: the streams did not share"
 
