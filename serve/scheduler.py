@@ -159,8 +159,12 @@ class Scheduler:
         self._admit()
         loop = asyncio.get_running_loop()
         pending = _Pending(ids, threshold, self.engine.batch_key(ids, threshold), loop.create_future(), deadline)
-        self._queue.append(pending)
-        self.wake()
+        if not self._queue and not self._instances.locked() and self.settings.max_queue_delay_us == 0:
+            await self._instances.acquire()  # free, so at once: nothing to batch with, run it now
+            asyncio.ensure_future(self._run_scoring([pending]))
+        else:
+            self._queue.append(pending)
+            self.wake()
         try:
             return await pending.future
         finally:
