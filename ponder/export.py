@@ -129,7 +129,8 @@ def check_parity(model: PonderLM, path: Path, samples: list[Tensor], thresholds:
                     if (diff > LOGITS_TOLERANCE or check["layers_executed"] != ref.layers_executed
                             or not check["depth_equal"]):
                         raise ExportError(f"the exported graph disagrees with PyTorch ({_describe(model)}): {check}")
-                checks.append(_batched_run(model, sess, ids, cutoff, thresholds))
+                if ids is samples[0]:  # once per cutoff: padded rows, each its own threshold
+                    checks.append(_batched_run(model, sess, ids, cutoff, thresholds))
     finally:
         model.compaction, model.compaction_cutoff = saved
     return checks
@@ -183,7 +184,7 @@ def check_decode(model: PonderLM, path: Path, samples: list[Tensor], thresholds:
         for ids, cutoff, threshold in ((i, c, t) for i in samples for c in cutoffs for t in thresholds):
             model.compaction = "off" if cutoff is None else "auto"
             checks += _decode_run(model, sess, names, past_names, present_names, ids, cutoff, threshold)
-            if threshold == thresholds[-1]:  # once per sample and cutoff: rows left-padded, each its own threshold
+            if threshold == thresholds[-1] and ids is samples[0]:  # once per cutoff: left-padded, a threshold each
                 row_threshold, lengths = batch_plan(ids, thresholds)
                 checks += _decode_run(model, sess, names, past_names, present_names, ids, cutoff, row_threshold,
                                       pads=ids.shape[1] - lengths)

@@ -60,13 +60,11 @@ def model_repository(tmp_path_factory, worker_id) -> Path:
     return root
 
 
-def _build_model_repository(root: Path, elsewhere: Path) -> None:
-    import json
-
+def served_model():
+    """The PyTorch model behind the repository's tiny/1 and tiny/2 (the same every time: seeded)."""
     import torch
 
     from ponder.config import ModelConfig, PluginSpec
-    from ponder.export import export_model
     from ponder.model import PonderLM
 
     torch.manual_seed(0)
@@ -75,6 +73,15 @@ def _build_model_repository(root: Path, elsewhere: Path) -> None:
                      norm=PluginSpec("layernorm"), halting=PluginSpec("act", {"bias_init": 1.0}))
     with torch.no_grad():
         model.halting.weight.normal_(0.0, 0.5)  # tokens halt at different depths at lower thresholds
+    return model.eval()
+
+
+def _build_model_repository(root: Path, elsewhere: Path) -> None:
+    import json
+
+    from ponder.export import export_model
+
+    model = served_model()
     shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(elsewhere, ignore_errors=True)
     first = root / "tiny" / "1"

@@ -284,3 +284,34 @@ def test_triton_metrics_count_requests_rows_and_runs(served):
         assert f"nv_inference_{name}{labels}" in series
     assert series[f"nv_inference_compute_infer_duration_us{labels}"] > 0
     assert "# TYPE nv_inference_count counter" in text and "ponder_requests_total" in text
+
+
+# -- a model's own batching settings (its config.json) -----------------------------------------------------------
+def test_a_models_config_json_sets_its_own_batching_and_a_bad_one_is_reported(model_repository, tmp_path):
+    import shutil
+
+    for name, settings in (("small", {"max_batch_size": 2, "dynamic_batching": {"max_queue_delay_microseconds": 500,
+                                                                                "max_queue_size": 3}}),
+                           ("bad", {"max_batch_size": 0})):
+        shutil.copytree(model_repository / "tiny" / "1", tmp_path / name / "1")
+        config = json.loads((tmp_path / name / "1" / "config.json").read_text())
+        (tmp_path / name / "1" / "config.json").write_text(json.dumps({**config, **settings}))
+    srv, port = create_server(tmp_path, "127.0.0.1:0", workers=1)
+    srv.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            config = stub.ModelConfig(pb.ModelConfigRequest(name="small"), timeout=5).config
+            assert config.max_batch_size == 2 and list(config.input[0].dims) == [-1]
+            assert config.dynamic_batching.max_queue_delay_microseconds == 500
+            assert config.dynamic_batching.default_queue_policy.max_queue_size == 3
+            request = ids_request(np.ones((3, 4)))
+            request.model_name, request.model_version = "small", ""
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(request, timeout=5)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_batch_size 2" in info.value.details()
+            assert not stub.ModelReady(pb.ModelReadyRequest(name="bad"), timeout=5).ready
+            index = {m.name: m for m in stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5).models}
+            assert index["bad"].state == "UNAVAILABLE" and "max_batch_size must be" in index["bad"].reason
+    finally:
+        srv.stop()
