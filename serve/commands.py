@@ -53,6 +53,9 @@ def add_parsers(commands: Any) -> None:
     sv.add_argument("--repository", required=True, metavar="ROOT", help="the model repository")
     sv.add_argument("--address", default="127.0.0.1:8001", help="HOST:PORT to listen on (default: 127.0.0.1:8001; "
                                                                   "port 0 picks a free one)")
+    sv.add_argument("--http-port", type=int, default=8000,
+                    help="the same protocol over HTTP/REST on this port, same host (default: 8000, as Triton; 0 picks "
+                         "one; -1 turns it off)")
     sv.add_argument("--metrics-port", type=int, default=8002,
                     help="Prometheus /metrics on this port, same host (default: 8002; 0 picks one; -1 turns it off)")
     sv.add_argument("--tls-cert", type=Path, metavar="F", help="serve TLS with this PEM certificate (needs --tls-key)")
@@ -219,6 +222,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise PonderError("--tls-ca (client certificates) needs --tls-cert and --tls-key")
     if args.grace < 0:
         raise PonderError(f"--grace must be >= 0 seconds, got {args.grace}")
+    if not -1 <= args.http_port <= 65535:
+        raise PonderError(f"--http-port must be a port (0 picks one, -1 turns HTTP off), got {args.http_port}")
     if not -1 <= args.metrics_port <= 65535:
         raise PonderError(f"--metrics-port must be a port (0 picks one, -1 turns metrics off), got {args.metrics_port}")
     logging.basicConfig(level=args.log_level.upper(), format="ponder serve: %(levelname)s %(message)s",
@@ -228,6 +233,7 @@ def _serve(args: argparse.Namespace) -> int:
                  max_message_mb=args.max_message_mb, tls=tls, threads=args.threads,
                  max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
                  max_batch_tokens=args.max_batch_tokens, max_tokens=args.max_tokens,
+                 http_port=None if args.http_port < 0 else args.http_port,
                  metrics_port=None if args.metrics_port < 0 else args.metrics_port)
 
 

@@ -62,7 +62,7 @@ def check_address(address: str) -> None:
         raise PonderError(f"--address must be HOST:PORT (for example 127.0.0.1:8001), got {address!r}")
 
 
-def check_port_free(address: str) -> None:
+def check_port_free(address: str, flag: str = "--address") -> None:
     """Refuse a port another process holds with one clear line (grpc would log a C++ error line before failing)."""
     host, _, port = address.rpartition(":")
     if int(port) == 0:
@@ -71,7 +71,7 @@ def check_port_free(address: str) -> None:
         family, kind, proto, _, sockaddr = socket.getaddrinfo(host.strip("[]") or None, int(port),
                                                               type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as exc:
-        raise PonderError(f"--address {address!r}: cannot resolve {host!r} ({exc.strerror})") from None
+        raise PonderError(f"{flag} {address!r}: cannot resolve {host!r} ({exc.strerror})") from None
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc binds: a port in TIME_WAIT is free
         try:
@@ -79,4 +79,4 @@ def check_port_free(address: str) -> None:
         except OSError as exc:
             hint = "another process holds the port" if exc.errno == errno.EADDRINUSE else "not this process's to bind"
             raise PonderError(f"cannot listen on {address}: {exc.strerror or exc} ({hint}: choose another with "
-                              f"--address)") from None
+                              f"{flag})") from None

@@ -54,6 +54,8 @@ class Server:
         self.executors: list[ThreadPoolExecutor] = []
         self.port = 0
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self.http_runner: Any = None
 
     def call(self, coroutine: Any, timeout: float | None = None) -> Any:
         """Run ``coroutine`` on the server's loop and wait for its result."""
@@ -86,6 +88,8 @@ class Server:
             scheduler.engine.terminate_runs()
         if self.grpc_server is not None:
             await self.grpc_server.stop(CLOSE_S)
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
 
     def _close(self) -> None:
         for executor in self.executors:
@@ -99,13 +103,14 @@ def create_server(repository: str | Path | Repository, address: str = "127.0.0.1
                   max_queue: int = 64, max_message_mb: int = 64, tls: TLSFiles | None = None,
                   metrics_port: int | None = None, threads: int | None = None, max_batch_size: int = 32,
                   max_queue_delay_us: int = 0, max_batch_tokens: int = 16384,
-                  max_tokens: int = 1024) -> tuple[Server, int]:
+                  max_tokens: int = 1024, http_port: int | None = None) -> tuple[Server, int]:
     """A server for every model under ``repository``, bound to ``address`` (not started); returns it and the port.
 
     ``workers``: runs of one model computing at once; ``max_queue``, ``max_batch_size``, ``max_queue_delay_us``
     and ``max_batch_tokens``: each model's batching (:class:`BatchSettings`, a model's config.json may set its own);
-    ``max_tokens``: the most one generation may ask for. Everything that can fail fast (settings, TLS files, the
-    ports) is checked before any model is loaded."""
+    ``max_tokens``: the most one generation may ask for; ``http_port``: serve the same over HTTP/REST on this port
+    of the same host (None: not at all; 0 picks one, ``server.http_port`` says which). Everything that can fail
+    fast (settings, TLS files, the ports) is checked before any model is loaded."""
     for flag, value, low, high in (("--workers", workers, 1, None), ("--max-queue", max_queue, 0, None),
                                    ("--max-message-mb", max_message_mb, 1, MAX_MESSAGE_MB),
                                    ("--max-batch-size", max_batch_size, 1, None),
@@ -120,11 +125,16 @@ def create_server(repository: str | Path | Repository, address: str = "127.0.0.1
         check_root(repository)
     credentials = tls.credentials() if tls else None
     check_port_free(address)
+    host = address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
+    if http_port is not None:
+        if not 0 <= http_port <= 65535:
+            raise PonderError(f"--http-port must be a port (0 picks one, -1 turns HTTP off), got {http_port}")
+        if http_port:
+            check_port_free(f"{address.rsplit(':', 1)[0]}:{http_port}", flag="--http-port")
     metrics = Metrics()
     server = Server(metrics)
     try:
         if metrics_port is not None:
-            host = address.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
             try:
                 server.metrics_port = metrics.serve(metrics_port, host)
             except OSError as exc:
@@ -133,6 +143,12 @@ def create_server(repository: str | Path | Repository, address: str = "127.0.0.1
         defaults = BatchSettings(max_batch_size, max_queue_delay_us, max_queue, max_batch_tokens)
         limits = Limits(max_tokens=max_tokens, max_message_bytes=max_message_mb * 1024 * 1024)
         server.call(_build(server, repo, address, credentials, defaults, limits, workers, max_message_mb))
+        if http_port is not None:
+            from ponder.serve.http import start_http
+
+            assert server.servicer is not None
+            server.http_runner, server.http_port = server.call(
+                start_http(server.servicer, host, http_port, max_message_mb * 1024 * 1024, tls))
     except BaseException:
         server._close()
         raise
@@ -233,6 +249,8 @@ def serve(repository: str | Path, address: str = "127.0.0.1:8001", *, grace: flo
     failed = [f"{v.name}/{v.version}" for v in repo.all_versions() if not v.ready]
     log.info("listening on %s:%d (%s); models ready: %s%s", host, port, "TLS" if options.get("tls") else "plaintext",
              ", ".join(ready) or "none", f"; failed: {', '.join(failed)}" if failed else "")
+    if server.http_port is not None:
+        log.info("HTTP/REST on %s://%s:%d/v2", "https" if options.get("tls") else "http", host, server.http_port)
     if server.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", host, server.metrics_port)
     while not stop.wait(0.5):

@@ -45,15 +45,22 @@ DOMAIN_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 )
 
 
+def code_of(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status code a request that raised ``exc`` answers with (see :func:`status_of`)."""
+    if isinstance(exc, RequestError):
+        return exc.code
+    return next((code for kind, code in DOMAIN_STATUS if isinstance(exc, kind)), grpc.StatusCode.INTERNAL)
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status (code, message) a request that raised ``exc`` answers with: a RequestError keeps its own
     code, the domain's errors map by :data:`DOMAIN_STATUS`, anything else is INTERNAL (and logged with its
     traceback): never a crash."""
+    code = code_of(exc)
     if isinstance(exc, RequestError):
-        return exc.code, exc.message
-    for kind, code in DOMAIN_STATUS:
-        if isinstance(exc, kind):
-            return code, str(exc)
+        return code, exc.message
+    if code != grpc.StatusCode.INTERNAL:
+        return code, str(exc)
     log.error("internal error", exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
@@ -176,6 +183,25 @@ class InferenceServicer:
 
     # -- inference ---------------------------------------------------------------------------------------------
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
+        try:
+            return [response async for response in self.answers(request, context, streaming=False)][-1]
+        except Exception as exc:
+            await context.abort(*status_of(exc))
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
+        """Each request in the stream answers in order: one response, or one per token when generating.
+        A refused request answers with ``error_message`` and the stream goes on (as Triton does)."""
+        async for request in request_iterator:
+            try:
+                async for response in self.answers(request, context, streaming=True):
+                    yield pb.ModelStreamInferResponse(infer_response=response)
+            except Exception as exc:
+                yield pb.ModelStreamInferResponse(error_message=status_of(exc)[1])
+
+    async def answers(self, request: Any, context: Any, streaming: bool) -> AsyncIterator[Any]:
+        """Every ModelInferResponse to one request (several when it streams a generation), for any front end:
+        ``context`` needs only ``time_remaining()``. Raises what refuses the request (:func:`status_of` maps it);
+        counts it in the statistics and metrics whatever happens, a caller that stops reading as CANCELLED."""
         start = time.perf_counter()
         mv, status = None, grpc.StatusCode.CANCELLED  # unless it ends otherwise: the client left
         self.metrics.started()
@@ -184,35 +210,14 @@ class InferenceServicer:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid ModelInferRequest: "
                                                                      f"{request.error}")
             mv = self.repo.find(request.model_name, request.model_version)
-            answers = [response async for response, _ in self._answer(mv, request, context, start, streaming=False)]
+            async for response, _ in self._answer(mv, request, context, start, streaming):
+                yield response
             status = grpc.StatusCode.OK
-            return answers[-1]
         except Exception as exc:
-            status, message = status_of(exc)
-            await context.abort(status, message)
+            status = code_of(exc)
+            raise
         finally:
             self._finished(mv, request, status, start)
-
-    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802
-        """Each request in the stream answers in order: one response, or one per token when generating.
-        A refused request answers with ``error_message`` and the stream goes on (as Triton does)."""
-        async for request in request_iterator:
-            start = time.perf_counter()
-            mv, status = None, grpc.StatusCode.CANCELLED
-            self.metrics.started()
-            try:
-                if isinstance(request, Undecodable):
-                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"the request is not a valid ModelInferRequest: {request.error}")
-                mv = self.repo.find(request.model_name, request.model_version)
-                async for response, _ in self._answer(mv, request, context, start, streaming=True):
-                    yield pb.ModelStreamInferResponse(infer_response=response)
-                status = grpc.StatusCode.OK
-            except Exception as exc:
-                status, message = status_of(exc)
-                yield pb.ModelStreamInferResponse(error_message=message)
-            finally:
-                self._finished(mv, request, status, start)
 
     async def _answer(self, mv: ModelVersion, request: Any, context: Any, start: float,
                       streaming: bool) -> AsyncIterator[tuple[Any, ModelRun]]:
