@@ -96,7 +96,7 @@ def start_server(repository: Path, threads: int | None = None,
                  extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     flags = ["--threads", str(threads)] if threads else []
     proc = subprocess.Popen([sys.executable, "-m", "ponder", "serve", "--repository", str(repository),
-                             "--address", "127.0.0.1:0", "--metrics-port", "-1", *flags,
+                             "--address", "127.0.0.1:0", "--metrics-port", "-1", "--http-port", "0", *flags,
                              *extra], stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()

@@ -142,7 +142,7 @@ def served(repository: Path, *, workers: int = 1, threads: int | None = None,
     """``ponder serve`` on ``repository`` in a child process, on 127.0.0.1 and a free port. Yields its address and
     the process; on exit sends SIGTERM (the server drains and exits 0) and waits, killing it only if it hangs."""
     cmd = [sys.executable, "-m", "ponder", "serve", "--repository", str(repository), "--address", "127.0.0.1:0",
-           "--metrics-port", "-1", "--workers", str(workers), "--grace", "5"]
+           "--metrics-port", "-1", "--http-port", "-1", "--workers", str(workers), "--grace", "5"]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -80,6 +80,14 @@ def add_parsers(commands: Any) -> None:
                     help="tokens one generation may ask for (default: 1024)")
     sv.add_argument("--threads", type=whole_number(1), metavar="N",
                     help="ONNX Runtime threads per model run (default: ORT's)")
+    sv.add_argument("--model-control-mode", choices=["none", "explicit", "poll"], default="none",
+                    help="as Triton: none (every model at start), explicit (--load-model ones at start, then "
+                         "RepositoryModelLoad/Unload), poll (every model, then the repository re-read every "
+                         "--repository-poll-secs) (default: none)")
+    sv.add_argument("--repository-poll-secs", type=seconds(zero_ok=False), default=15.0, metavar="S",
+                    help="how often poll mode re-reads the repository (default: 15)")
+    sv.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                    help="with --model-control-mode explicit: a model to load at start (repeatable)")
     sv.add_argument("--grace", type=seconds(zero_ok=True), default=10.0, metavar="S",
                     help="seconds in-flight requests get to finish on SIGTERM (default: 10)")
     sv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -234,6 +242,8 @@ def _serve(args: argparse.Namespace) -> int:
                  max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
                  max_batch_tokens=args.max_batch_tokens, max_tokens=args.max_tokens,
                  http_port=None if args.http_port < 0 else args.http_port,
+                 model_control_mode=args.model_control_mode, repository_poll_secs=args.repository_poll_secs,
+                 load_models=tuple(args.load_model),
                  metrics_port=None if args.metrics_port < 0 else args.metrics_port)
 
 

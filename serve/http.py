@@ -122,6 +122,19 @@ class Routes:
         reply = await self._ask("RepositoryIndex", pb.RepositoryIndexRequest(ready=bool(data.get("ready", False))))
         return _json([message_json(m) for m in reply.models])  # Triton answers the list itself
 
+    async def load(self, request: web.Request) -> web.Response:
+        return await self._control("RepositoryModelLoad", pb.RepositoryModelLoadRequest, request)
+
+    async def unload(self, request: web.Request) -> web.Response:
+        return await self._control("RepositoryModelUnload", pb.RepositoryModelUnloadRequest, request)
+
+    async def _control(self, method: str, message: Any, request: web.Request) -> web.Response:
+        try:
+            await self._ask(method, message(model_name=request.match_info["name"]))
+        except Exception as exc:
+            return _error(exc)
+        return _json({})
+
     async def infer(self, request: web.Request) -> web.Response:
         name, version = self._model(request)
         try:
@@ -186,6 +199,8 @@ def make_app(servicer: InferenceServicer, max_body_bytes: int) -> web.Applicatio
     app.router.add_get("/v2", r.server_metadata)
     app.router.add_get("/v2/models/stats", r.statistics)
     app.router.add_post("/v2/repository/index", r.index)
+    app.router.add_post("/v2/repository/models/{name}/load", r.load)
+    app.router.add_post("/v2/repository/models/{name}/unload", r.unload)
     for base in (model, versioned):
         app.router.add_get(base, r.model_metadata)
         app.router.add_get(base + "/ready", r.model_ready)

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ponder.errors import NotFoundError, PonderError, UnavailableError, echo
 from ponder.model_repository import (
@@ -87,6 +88,9 @@ class ModelVersion:
     engine: Engine | None = None
     error: str | None = None
     stats: Stats = field(default_factory=Stats)
+    settings: Any = None  # its BatchSettings, once prepared to serve (ponder.serve.control)
+    scheduler: Any = None  # its Scheduler while it serves
+    executor: Any = None  # the threads its runs compute on
 
     @property
     def ready(self) -> bool:
@@ -101,27 +105,56 @@ def check_root(root: str | Path) -> Path:
 
 
 class Repository:
-    def __init__(self, root: str | Path, threads: int | None = None) -> None:
+    """The models served from ``root``. ``load=False`` starts empty (explicit model control: models are read
+    when a client loads them, :meth:`read_model`, and installed with :meth:`install`)."""
+
+    def __init__(self, root: str | Path, threads: int | None = None, load: bool = True) -> None:
         self.root = check_root(root)
         self.threads = threads
         self.models: dict[str, dict[str, ModelVersion]] = {}
-        self._scan()
+        if load:
+            for name in self.model_names():
+                versions = self.read_model(name)
+                if versions:
+                    self.models[name] = versions
 
-    def _scan(self) -> None:
+    def model_names(self, quiet: bool = False) -> list[str]:
+        """The names of the model folders under the root that can be served (each problem logged unless
+        ``quiet``, and skipped)."""
+        names = []
         for folder, problem in model_folders(self.root):
             if problem is not None:
-                log.warning("skipping %r: %s", str(folder), problem)
-                continue
-            try:  # one model's unreadable entry never stops the others (nor the server) from starting
-                self._scan_model(folder)
-            except Exception as exc:  # noqa: BLE001  (an unreadable entry; a model's load failure is caught lower)
-                log.error("skipping %r: %s: %s", str(folder), type(exc).__name__, exc)
+                if not quiet:
+                    log.warning("skipping %r: %s", str(folder), problem)
+            else:
+                names.append(folder.name)
+        return names
 
-    def _scan_model(self, folder: Path) -> None:
+    def read_model(self, name: str, skip: set[str] = frozenset()) -> dict[str, ModelVersion]:
+        """Every version of model ``name`` read from its folder and loaded (those in ``skip`` left out), a failed
+        one kept with its reason; {} when the folder holds none or cannot be read (logged): one model's
+        unreadable entry never stops the others, nor the server."""
+        folder = self.root / name
+        try:
+            return self._read_model(folder, skip)
+        except Exception as exc:  # noqa: BLE001  (an unreadable entry; a model's load failure is caught lower)
+            log.error("skipping %r: %s: %s", str(folder), type(exc).__name__, exc)
+            return {}
+
+    def folder_versions(self, name: str) -> set[str]:
+        """The version numbers in model ``name``'s folder now (for polling)."""
+        try:
+            return {str(number) for number, _ in version_folders(self.root / name)}
+        except Exception:  # noqa: BLE001  (gone or unreadable: no versions)
+            return set()
+
+    def _read_model(self, folder: Path, skip: set[str]) -> dict[str, ModelVersion]:
         for entry, why in skipped_entries(folder):
             log.warning("skipping %r: %s", str(entry), why)
         versions = {}
         for number, vdir in version_folders(folder):
+            if str(number) in skip:
+                continue
             version = ModelVersion(folder.name, str(number), vdir / MODEL_FILE)
             problem = outside_problem(version.path, self.root)
             if problem is not None:
@@ -130,10 +163,25 @@ class Repository:
             else:
                 self._load(version)
             versions[version.version] = version
-        if versions:
-            self.models[folder.name] = versions
-        else:
+        if not versions and not skip:
             log.warning("skipping %r: no VERSION/%s inside", str(folder), MODEL_FILE)
+        return versions
+
+    def install(self, name: str, versions: dict[str, ModelVersion]) -> None:
+        """Serve ``versions`` of model ``name`` beside those it has (a version number already there is replaced)."""
+        merged = {**self.models.get(name, {}), **versions}
+        self.models[name] = dict(sorted(merged.items(), key=lambda kv: int(kv[0])))
+
+    def remove(self, name: str, versions: set[str] | None = None) -> list[ModelVersion]:
+        """Stop serving model ``name`` (or just ``versions`` of it); returns what was removed."""
+        held = self.models.get(name, {})
+        gone = [v for k, v in held.items() if versions is None or k in versions]
+        kept = {k: v for k, v in held.items() if versions is not None and k not in versions}
+        if kept:
+            self.models[name] = kept
+        else:
+            self.models.pop(name, None)
+        return gone
 
     def _load(self, version: ModelVersion) -> None:
         try:

@@ -16,7 +16,6 @@ import asyncio
 import logging
 import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from ponder.errors import PonderError, UnavailableError
 from ponder.limits import MAX_MESSAGE_MB
 from ponder.serve import inference_pb2 as pb
+from ponder.serve.control import MODES, ModelControl
 from ponder.serve.listen import TLSFiles, check_address, check_port_free
 from ponder.serve.metrics import Metrics
 from ponder.serve.repository import Repository, check_root
@@ -50,12 +50,24 @@ class Server:
         self.grpc_server: Any = None
         self.servicer: InferenceServicer | None = None
         self.health: Any = None
-        self.schedulers: dict[tuple[str, str], Scheduler] = {}
-        self.executors: list[ThreadPoolExecutor] = []
+        self.control: ModelControl | None = None
+        self.poll_seconds = 15.0
+        self.poller: Any = None
         self.port = 0
         self.metrics_port: int | None = None
         self.http_port: int | None = None
         self.http_runner: Any = None
+
+    @property
+    def schedulers(self) -> dict[tuple[str, str], Scheduler]:
+        """The scheduler of every version served, by (name, version)."""
+        if self.servicer is None:
+            return {}
+        return {(v.name, v.version): v.scheduler for v in self.servicer.repo.all_versions() if v.scheduler}
+
+    def _all_schedulers(self) -> list[Scheduler]:
+        retiring = [v.scheduler for v in self.control.retiring if v.scheduler] if self.control else []
+        return [*self.schedulers.values(), *retiring]
 
     def call(self, coroutine: Any, timeout: float | None = None) -> Any:
         """Run ``coroutine`` on the server's loop and wait for its result."""
@@ -63,6 +75,8 @@ class Server:
 
     def start(self) -> None:
         self.call(self.grpc_server.start())
+        if self.control is not None and self.control.mode == "poll":
+            self.poller = asyncio.run_coroutine_threadsafe(self.control.poll(self.poll_seconds), self.loop)
 
     def drain(self, grace: float = 10.0) -> None:
         """Refuse new requests, let those in flight finish within ``grace`` seconds; the rest get UNAVAILABLE."""
@@ -78,13 +92,14 @@ class Server:
             self.servicer.draining = True
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
+        if self.poller is not None:
+            self.poller.cancel()
         loop = asyncio.get_running_loop()
         end = loop.time() + grace
-        while any(s.busy for s in self.schedulers.values()) and loop.time() < end:
+        while any(s.busy for s in self._all_schedulers()) and loop.time() < end:
             await asyncio.sleep(0.01)
-        for scheduler in self.schedulers.values():
+        for scheduler in self._all_schedulers():
             scheduler.close(UnavailableError("the server is shutting down; retry on another replica or later"))
-        for scheduler in self.schedulers.values():
             scheduler.engine.terminate_runs()
         if self.grpc_server is not None:
             await self.grpc_server.stop(CLOSE_S)
@@ -92,8 +107,9 @@ class Server:
             await self.http_runner.cleanup()
 
     def _close(self) -> None:
-        for executor in self.executors:
-            executor.shutdown(wait=False, cancel_futures=True)
+        for v in self.servicer.repo.all_versions() if self.servicer else []:
+            if v.executor is not None:
+                v.executor.shutdown(wait=False, cancel_futures=True)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
         self.metrics.close()
@@ -103,14 +119,22 @@ def create_server(repository: str | Path | Repository, address: str = "127.0.0.1
                   max_queue: int = 64, max_message_mb: int = 64, tls: TLSFiles | None = None,
                   metrics_port: int | None = None, threads: int | None = None, max_batch_size: int = 32,
                   max_queue_delay_us: int = 0, max_batch_tokens: int = 16384,
-                  max_tokens: int = 1024, http_port: int | None = None) -> tuple[Server, int]:
+                  max_tokens: int = 1024, http_port: int | None = None, model_control_mode: str = "none",
+                  repository_poll_secs: float = 15.0, load_models: tuple[str, ...] = ()) -> tuple[Server, int]:
     """A server for every model under ``repository``, bound to ``address`` (not started); returns it and the port.
 
     ``workers``: runs of one model computing at once; ``max_queue``, ``max_batch_size``, ``max_queue_delay_us``
     and ``max_batch_tokens``: each model's batching (:class:`BatchSettings`, a model's config.json may set its own);
     ``max_tokens``: the most one generation may ask for; ``http_port``: serve the same over HTTP/REST on this port
     of the same host (None: not at all; 0 picks one, ``server.http_port`` says which). Everything that can fail
-    fast (settings, TLS files, the ports) is checked before any model is loaded."""
+    fast (settings, TLS files, the ports) is checked before any model is loaded. ``model_control_mode``: Triton's
+    none, explicit (only ``load_models`` at start, then what clients load) or poll (every ``repository_poll_secs``)."""
+    if model_control_mode not in MODES:
+        raise PonderError(f"--model-control-mode must be one of {', '.join(MODES)}, got {model_control_mode!r}")
+    if not repository_poll_secs > 0:
+        raise PonderError(f"--repository-poll-secs must be > 0, got {repository_poll_secs}")
+    if load_models and model_control_mode != "explicit":
+        raise PonderError("--load-model goes with --model-control-mode explicit (the other modes load every model)")
     for flag, value, low, high in (("--workers", workers, 1, None), ("--max-queue", max_queue, 0, None),
                                    ("--max-message-mb", max_message_mb, 1, MAX_MESSAGE_MB),
                                    ("--max-batch-size", max_batch_size, 1, None),
@@ -139,10 +163,13 @@ def create_server(repository: str | Path | Repository, address: str = "127.0.0.1
                 server.metrics_port = metrics.serve(metrics_port, host)
             except OSError as exc:
                 raise PonderError(f"cannot serve metrics on {host}:{metrics_port}: {exc.strerror or exc}") from None
-        repo = repository if isinstance(repository, Repository) else Repository(repository, threads=threads)
+        repo = repository if isinstance(repository, Repository) else \
+            Repository(repository, threads=threads, load=model_control_mode != "explicit")
         defaults = BatchSettings(max_batch_size, max_queue_delay_us, max_queue, max_batch_tokens)
         limits = Limits(max_tokens=max_tokens, max_message_bytes=max_message_mb * 1024 * 1024)
-        server.call(_build(server, repo, address, credentials, defaults, limits, workers, max_message_mb))
+        server.poll_seconds = repository_poll_secs
+        control = ModelControl(repo, defaults, workers, model_control_mode, lambda mv: _counter(server, mv))
+        server.call(_build(server, repo, address, credentials, control, limits, max_message_mb, load_models))
         if http_port is not None:
             from ponder.serve.http import start_http
 
@@ -155,9 +182,17 @@ def create_server(repository: str | Path | Repository, address: str = "127.0.0.1
     return server, server.port
 
 
-async def _build(server: Server, repo: Repository, address: str, credentials: Any, defaults: BatchSettings,
-                 limits: Limits, workers: int, max_message_mb: int) -> None:
-    """The grpc.aio server and the schedulers, made on the server's loop."""
+def _counter(server: Server, mv: Any) -> Any:
+    def executed(rows: int) -> None:
+        mv.stats.execution()
+        server.metrics.execution(mv.name, mv.version)
+
+    return executed
+
+
+async def _build(server: Server, repo: Repository, address: str, credentials: Any, control: ModelControl,
+                 limits: Limits, max_message_mb: int, load_models: tuple[str, ...]) -> None:
+    """The grpc.aio server and the served models (warmed up), made on the server's loop."""
     limit = max_message_mb * 1024 * 1024
     grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                            ("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 0)])
@@ -166,28 +201,12 @@ async def _build(server: Server, repo: Repository, address: str, credentials: An
             grpc_server.add_insecure_port(address)
     except RuntimeError as exc:
         raise PonderError(f"cannot listen on {address}: {exc} (is the port in use?)") from None
-    for mv in repo.all_versions():
-        if not mv.ready:
-            continue
-        assert mv.engine is not None
-        try:
-            settings = defaults.for_model(mv.engine.config)
-        except ValueError as exc:
-            mv.error, mv.engine = str(exc), None
-            log.error("model %s version %s: %s", mv.name, mv.version, exc)
-            continue
-        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"ponder-{mv.name}")
-        server.executors.append(executor)
-
-        def executed(rows: int, mv: Any = mv) -> None:
-            mv.stats.execution()
-            server.metrics.execution(mv.name, mv.version)
-
-        server.schedulers[(mv.name, mv.version)] = Scheduler(mv.engine, settings, executor, workers, executed)
+    await control.start(list(load_models))
+    server.control = control
     metrics = server.metrics
     metrics.queue_depth.set_function(lambda: sum(s.pending for s in server.schedulers.values()))
     metrics.triton.pending = lambda: [(name, version, s.pending) for (name, version), s in server.schedulers.items()]
-    servicer = InferenceServicer(repo, server.schedulers, metrics, limits)
+    servicer = InferenceServicer(repo, metrics, limits, control)
     grpc_server.add_generic_rpc_handlers((method_handlers(servicer),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

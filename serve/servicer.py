@@ -23,6 +23,7 @@ from ponder import __version__
 from ponder.errors import BadRequestError, ConfigError, NotFoundError, UnavailableError
 from ponder.generation import SAMPLING_KEYS
 from ponder.serve import inference_pb2 as pb
+from ponder.serve.control import ControlError
 from ponder.serve.metrics import Metrics
 from ponder.serve.protocol import RequestError
 from ponder.serve.repository import ModelVersion, Repository
@@ -31,12 +32,14 @@ from ponder.serve.scheduler import DeadlineError, QueueFullError, Scheduler
 
 log = logging.getLogger("ponder.serve")
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-EXTENSIONS = ["model_configuration", "statistics", "parameters", "streaming", "model_repository_index"]
+EXTENSIONS = ["model_configuration", "statistics", "parameters", "streaming", "model_repository",
+              "model_repository_index"]
 NO_DEADLINE = 1e6  # seconds: grpc reports "no deadline" as an enormous time remaining
 
 # The domain's errors and the status each answers with (the first that matches).
 DOMAIN_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ControlError, grpc.StatusCode.FAILED_PRECONDITION),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -81,9 +84,8 @@ def deadline_of(context: Any) -> float | None:
 
 
 class InferenceServicer:
-    def __init__(self, repository: Repository, schedulers: dict[tuple[str, str], Scheduler], metrics: Metrics,
-                 limits: Limits) -> None:
-        self.repo, self.schedulers, self.metrics, self.limits = repository, schedulers, metrics, limits
+    def __init__(self, repository: Repository, metrics: Metrics, limits: Limits, control: Any = None) -> None:
+        self.repo, self.metrics, self.limits, self.control = repository, metrics, limits, control
         self.draining = False
 
     # -- helpers -----------------------------------------------------------------------------------------------
@@ -100,7 +102,9 @@ class InferenceServicer:
     def _scheduler(self, mv: ModelVersion) -> Scheduler:
         if self.draining:
             raise UnavailableError("the server is shutting down")
-        return self.schedulers[(mv.name, mv.version)]
+        if mv.scheduler is None:
+            raise UnavailableError(f"model {mv.name!r} version {mv.version} is not serving (it was unloaded)")
+        return mv.scheduler
 
     # -- health and metadata -----------------------------------------------------------------------------------
     async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802 (the protocol's names)
@@ -116,6 +120,10 @@ class InferenceServicer:
                 self.repo.find(request.name, request.version)
             except UnavailableError:  # there, but it failed to load; an unknown model is NOT_FOUND
                 return pb.ModelReadyResponse(ready=False)
+            except NotFoundError:
+                if request.name not in self.repo.models and request.name not in self.repo.model_names(quiet=True):
+                    raise
+                return pb.ModelReadyResponse(ready=False)  # in the repository: not loaded, or no such version yet
             return pb.ModelReadyResponse(ready=not self.draining)
 
         return await self._call(request, context, ready)
@@ -143,7 +151,7 @@ class InferenceServicer:
         mv = self.repo.find(request.name, request.version)
         engine = mv.engine
         assert engine is not None
-        settings = self.schedulers[(mv.name, mv.version)].settings
+        settings = mv.settings
         inputs, outputs = _signature(mv)
         params = {"act_threshold": engine.default_threshold, "n_layers": engine.n_layers,
                   "max_seq_len": engine.max_seq_len, "vocab_size": engine.vocab_size,
@@ -179,7 +187,25 @@ class InferenceServicer:
         index = pb.RepositoryIndexResponse.ModelIndex
         models = [index(name=v.name, version=v.version, state="READY" if v.ready else "UNAVAILABLE",
                         reason=v.error or "") for v in self.repo.all_versions() if v.ready or not request.ready]
+        if not request.ready:  # the models in the repository that are not loaded (explicit model control)
+            models += [index(name=name, state="UNAVAILABLE", reason="not loaded")
+                       for name in self.repo.model_names(quiet=True) if name not in self.repo.models]
         return pb.RepositoryIndexResponse(models=models)
+
+    # -- model control (Triton's model repository extension) ----------------------------------------------------
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802
+        try:
+            await self.control.load(_control_name(request))
+        except Exception as exc:
+            await context.abort(*status_of(exc))
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
+        try:
+            await self.control.unload(_control_name(request))
+        except Exception as exc:
+            await context.abort(*status_of(exc))
+        return pb.RepositoryModelUnloadResponse()
 
     # -- inference ---------------------------------------------------------------------------------------------
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
@@ -267,6 +293,14 @@ class InferenceServicer:
         self.metrics.finished(name, mv.version if mv is not None else "", status.name, seconds)
         if mv is not None and status != grpc.StatusCode.OK:
             mv.stats.record(ok=False, total_s=seconds)
+
+
+def _control_name(request: Any) -> str:
+    if isinstance(request, Undecodable):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid message: {request.error}")
+    if not request.model_name:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "model_name is empty: name the model to load or unload")
+    return request.model_name
 
 
 def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:

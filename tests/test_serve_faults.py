@@ -54,8 +54,8 @@ class Gate:
 @pytest.fixture
 def gated(model_repository):
     repo = Repository(model_repository)  # its own engines: the gate stays out of other tests
-    gate = Gate(repo.find("tiny").engine)
     srv, port = create_server(repo, "127.0.0.1:0", workers=1, max_queue=1)
+    gate = Gate(repo.find("tiny").engine)  # after the warm-up runs
     srv.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield srv, pb_grpc.GRPCInferenceServiceStub(channel), gate
@@ -138,7 +138,7 @@ def metric(url: str, name: str) -> float:
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero(model_repository):
     proc, found, lines = start_server("--repository", str(model_repository), "--address", "127.0.0.1:0",
-                                      "--metrics-port", "0", "--workers", "1", "--grace", "60")
+                                      "--metrics-port", "0", "--http-port", "0", "--workers", "1", "--grace", "60")
     address = f"127.0.0.1:{found['port']}"
     replies, finished = [], []
 
@@ -171,7 +171,7 @@ def test_sigterm_exits_within_grace_plus_one_second_whatever_is_in_flight(model_
     """Fault 5: with long generations in flight, SIGTERM exited after 6.4 s with --grace 1. Now: within grace + 1 s;
     work that cannot finish in the grace period gets UNAVAILABLE."""
     proc, found, lines = start_server("--repository", str(model_repository), "--address", "127.0.0.1:0",
-                                      "--metrics-port", "0", "--workers", "1", "--grace", "1")
+                                      "--metrics-port", "0", "--http-port", "0", "--workers", "1", "--grace", "1")
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{found['port']}")
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
