@@ -93,7 +93,7 @@ def drive(call, concurrency: int, requests: int) -> tuple[list[float], float]:
 
 
 def start_server(repository: Path, threads: int | None = None,
-                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str, str]:
     flags = ["--threads", str(threads)] if threads else []
     proc = subprocess.Popen([sys.executable, "-m", "ponder", "serve", "--repository", str(repository),
                              "--address", "127.0.0.1:0", "--metrics-port", "-1", "--http-port", "0", *flags,
@@ -101,10 +101,15 @@ def start_server(repository: Path, threads: int | None = None,
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
     deadline = time.monotonic() + 120
+    address = None
     while True:
         line = lines.get(timeout=max(1.0, deadline - time.monotonic()))
         if "listening on 127.0.0.1:" in line:
-            return proc, "127.0.0.1:" + line.split("listening on 127.0.0.1:")[1].split()[0]
+            address = "127.0.0.1:" + line.split("listening on 127.0.0.1:")[1].split()[0]
+        if "HTTP/REST on http://" in line:
+            http = line.split("HTTP/REST on http://")[1].split("/")[0]
+            assert address is not None
+            return proc, address, http
         if "error" in line.lower():
             print(line, end="", file=sys.stderr)
 
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         return engine.infer(ids)
 
     extra = tuple(part for flag in args.server_arg for part in flag.split("=", 1))
-    proc, address = start_server(args.repository, threads=args.threads, extra=extra)
+    proc, address, http_address = start_server(args.repository, threads=args.threads, extra=extra)
     try:
         def remote(index: int, setup: bool = False, state=None):
             if setup:
@@ -278,18 +283,32 @@ def main(argv: list[str] | None = None) -> int:
             reply = client.infer(args.name, [tensor], model_version=version)
             return reply
 
-        # warm up both sides and check they agree
+        import tritonclient.http as triton_http
+
+        def http(index: int, setup: bool = False, state=None):
+            if setup:
+                client = triton_http.InferenceServerClient(http_address)
+                tensor = triton_http.InferInput("input_ids", list(ids.shape), "INT64")
+                tensor.set_data_from_numpy(ids, binary_data=True)
+                return client, tensor
+            client, tensor = state
+            return client.infer(args.name, [tensor], model_version=version)
+
+        # warm up every side and check they agree
         check = remote(0, state=remote(0, setup=True))
         np.testing.assert_allclose(check.as_numpy("logits"), engine.infer(ids).logits, atol=1e-5)
-        for call in (local, remote):
+        np.testing.assert_allclose(http(0, state=http(0, setup=True)).as_numpy("logits"), engine.infer(ids).logits,
+                                   atol=1e-5)
+        for call in (local, remote, http):
             drive(call, 8, 80)
         samples: dict[tuple[str, int], dict] = {}
         state = remote(0, setup=True)
+        http_state = http(0, setup=True)
         breakdown: dict[str, list[float]] = {"server_minus_compute_ms": [], "round_trip_minus_server_ms": [],
                                              "empty_rpc_ms": []}
         for round_index in range(args.rounds):
             # concurrency 1: one call each way in turn, so both see the same machine at the same moment
-            for mode in ("in-process", "server"):
+            for mode in ("in-process", "server", "http"):
                 samples.setdefault((mode, 1), {"latencies": [], "throughputs": []})
             for _ in range(args.requests):
                 start = time.perf_counter()
@@ -306,9 +325,12 @@ def main(argv: list[str] | None = None) -> int:
                 start = time.perf_counter()
                 state[0].is_server_live()
                 breakdown["empty_rpc_ms"].append((time.perf_counter() - start) * 1e3)
+                start = time.perf_counter()
+                http(0, state=http_state)
+                samples[("http", 1)]["latencies"].append((time.perf_counter() - start) * 1e3)
             # concurrency 8: the two sides in turn, each for the same number of requests
             batch_sizes = []
-            for mode, call in (("in-process", local), ("server", remote)):
+            for mode, call in (("in-process", local), ("server", remote), ("http", http)):
                 if mode == "server":
                     def call(index, setup=False, state=None, _remote=remote, _sizes=batch_sizes):
                         reply = _remote(index, setup, state)
@@ -352,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                      **({"mean_batch_size": float(np.mean(entry["batch_sizes"]))} if "batch_sizes" in entry else {})})
     by = {(r["mode"], r["concurrency"]): r for r in rows}
     added_p50 = by[("server", 1)]["p50_ms"] - by[("in-process", 1)]["p50_ms"]
+    http_added_p50 = by[("http", 1)]["p50_ms"] - by[("in-process", 1)]["p50_ms"]
+    http_ratio = by[("http", 8)]["throughput_rps"] / by[("in-process", 8)]["throughput_rps"]
     empty = statistics.median(breakdown["empty_rpc_ms"])
     ratio = by[("server", 8)]["throughput_rps"] / by[("in-process", 8)]["throughput_rps"]
     generation = {"tokens_per_stream": args.gen_tokens, "one_stream_tokens_per_s": statistics.median(one_rates),
@@ -377,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_added_p50_ms": added_p50, "empty_rpc_p50_ms": empty,
         "goal_added_p50_ms": empty + GOAL_ADDED_OVER_EMPTY_MS,
         "throughput_ratio_c8": ratio, "goal_throughput_ratio": GOAL_THROUGHPUT_RATIO,
+        "http_added_p50_ms": http_added_p50, "http_throughput_ratio_c8": http_ratio,
         "generation": generation, "streams_speedup": speedup, "soak": soaked, "goals_met": goals,
     }
     out = Path(args.out)
@@ -393,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server adds {added_p50:.3f} ms at p50 (goal <= {empty + GOAL_ADDED_OVER_EMPTY_MS:.3f}: empty RPC + "
           f"{GOAL_ADDED_OVER_EMPTY_MS}); throughput at concurrency 8 is {ratio:.2f}x in-process (goal >= "
           f"{GOAL_THROUGHPUT_RATIO})")
+    print(f"HTTP/REST (tritonclient.http, binary tensors): adds {http_added_p50:.3f} ms at p50; throughput at "
+          f"concurrency 8 is {http_ratio:.2f}x in-process")
     print(f"generation: one stream {generation['one_stream_tokens_per_s']:.0f} tokens/s, 8 streams "
           f"{generation['eight_streams_tokens_per_s']:.0f} tokens/s ({speedup:.2f}x, goal >= {GOAL_STREAMS_SPEEDUP}); "
           f"first token with 16 streams p50 {generation['first_token_p50_ms_16_streams']:.1f} ms (goal < "
