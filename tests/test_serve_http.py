@@ -144,3 +144,26 @@ def test_ponder_serve_http_port_flag(tmp_path):
 
     proc = run_ponder("serve", "--repository", str(tmp_path), "--http-port", "70000", check=False)
     assert proc.returncode == 2 and "--http-port must be a port" in proc.stderr
+
+
+def test_http_serves_tls_with_the_grpc_certificate(tmp_path, model_repository):
+    import http.client
+    import ssl
+
+    from test_serve_faults import make_certificates
+
+    from ponder.serve.server import TLSFiles
+
+    make_certificates(tmp_path)
+    srv, _ = create_server(model_repository, "127.0.0.1:0", http_port=0, workers=1,
+                           tls=TLSFiles(tmp_path / "server.pem", tmp_path / "server.key"))
+    srv.start()
+    try:
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        with urllib.request.urlopen(f"https://127.0.0.1:{srv.http_port}/v2/health/ready", context=context,
+                                    timeout=10) as reply:
+            assert reply.status == 200 and json.loads(reply.read()) == {"ready": True}
+        with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):  # plain HTTP, TLS port
+            urllib.request.urlopen(f"http://127.0.0.1:{srv.http_port}/v2/health/ready", timeout=10).read()
+    finally:
+        srv.stop()
