@@ -11,6 +11,7 @@ import fnmatch
 import importlib
 import inspect
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from .errors import (
 ENTRY_POINT_GROUP = "ponder"
 ENV_DISABLE_AUTOLOAD = "PONDER_DISABLE_PLUGIN_AUTOLOAD"
 ENV_ALLOW = "PONDER_PLUGINS"
+
+_LOADING = threading.RLock()  # loading registers into self._pm step by step: one thread at a time
 
 # Built-in plugin modules, loaded by name like any other plugin (and blockable the same way).
 BUILTIN_PLUGINS: dict[str, str] = {
@@ -137,10 +140,11 @@ class Registry:
 
     def load(self) -> Registry:
         """Load every allowed plugin, once; later calls do nothing."""
-        if self._pm is None:
-            self._pm = pluggy.PluginManager(hookspecs.PROJECT)
-            self._pm.add_hookspecs(hookspecs)
-            self._load_all()
+        with _LOADING:  # two threads asking at once: the second waits for every plugin, never sees half of them
+            if self._pm is None:
+                self._pm = pluggy.PluginManager(hookspecs.PROJECT)
+                self._pm.add_hookspecs(hookspecs)
+                self._load_all()
         return self
 
     @property

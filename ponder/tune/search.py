@@ -9,7 +9,9 @@ thresholds: ``{threshold: run}``) and ``best_run()``, and reads ``n_layers``, ``
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -169,6 +171,13 @@ class OptunaSearches:
                     beat.release(trial_id)
             return {cell: trial_id for cell, trial_id in ids.items() if won[trial_id]}
 
+        def give_back(won: dict[tuple, int]) -> None:
+            for trial_id in won.values():
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    study._storage.set_trial_user_attr(trial_id, "yielded", True)
+                    study._storage.set_trial_state_values(trial_id, state.FAIL)
+                beat.release(trial_id)
+
         def finish(trial_id: int, result: dict) -> None:
             nonlocal computed_here
             result["score"] = float(score_fn(result))
@@ -203,8 +212,14 @@ class OptunaSearches:
                         time.sleep(self.poll_interval)
                     elif mode == "sweep":  # all of the first free lambda's cells, one training for those won
                         lam = free[0][1]
-                        won = claim([c for c in free if c[1] == lam])
-                        if won:
+                        group = [c for c in free if c[1] == lam]
+                        won = claim(group)
+                        if won and len(won) < len(group):
+                            # another worker claimed part of this lambda at the same moment: both give their part
+                            # back and try again after pauses of their own, so that one worker trains it once
+                            give_back(won)
+                            time.sleep(self.poll_interval * (1.0 + random.random()))
+                        elif won:
                             pending = [t for t in thresholds if (t, lam) in won]
                             per_seed = [self._train_and_eval(train_loader, val_loader, pending, lam, num_epochs,
                                                              s, train_threshold) for s in range(seeds)]
