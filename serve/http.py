@@ -10,7 +10,6 @@ statistics and the error mapping (HTTP status + ``{"error": message}``).
 from __future__ import annotations
 
 import json
-import logging
 import ssl
 from typing import Any
 
@@ -30,7 +29,6 @@ from ponder.serve.rest import (
 )
 from ponder.serve.servicer import InferenceServicer, status_of
 
-log = logging.getLogger("ponder.serve")
 JSON = "application/json"
 
 
@@ -52,7 +50,7 @@ class _Context:
 
 def _error(exc: BaseException) -> web.Response:
     status = exc.status if isinstance(exc, _Aborted) else status_of(exc)
-    code, body = error_body(exc, status)
+    code, body = error_body(status)
     return web.Response(status=code, body=body, content_type=JSON)
 
 
@@ -82,37 +80,33 @@ class Routes:
     async def server_metadata(self, request: web.Request) -> web.Response:
         return _json(message_json(await self._ask("ServerMetadata", pb.ServerMetadataRequest())))
 
+    async def _model_reply(self, method: str, message: Any) -> tuple[Any, web.Response | None]:
+        """Ask the servicer; a refusal becomes the HTTP error to answer instead."""
+        try:
+            return await self._ask(method, message), None
+        except Exception as exc:
+            return None, _error(exc)
+
     async def model_metadata(self, request: web.Request) -> web.Response:
         name, version = self._model(request)
-        try:
-            reply = await self._ask("ModelMetadata", pb.ModelMetadataRequest(name=name, version=version))
-        except Exception as exc:
-            return _error(exc)
-        return _json(message_json(reply))
+        reply, error = await self._model_reply("ModelMetadata", pb.ModelMetadataRequest(name=name, version=version))
+        return error or _json(message_json(reply))
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = self._model(request)
-        try:
-            reply = await self._ask("ModelReady", pb.ModelReadyRequest(name=name, version=version))
-        except Exception as exc:
-            return _error(exc)
-        return _json({"name": name, "ready": reply.ready}, 200 if reply.ready else 503)
+        reply, error = await self._model_reply("ModelReady", pb.ModelReadyRequest(name=name, version=version))
+        return error or _json({"name": name, "ready": reply.ready}, 200 if reply.ready else 503)
 
     async def model_config(self, request: web.Request) -> web.Response:
         name, version = self._model(request)
-        try:
-            reply = await self._ask("ModelConfig", pb.ModelConfigRequest(name=name, version=version))
-        except Exception as exc:
-            return _error(exc)
-        return _json(message_json(reply.config))  # Triton answers the config itself
+        reply, error = await self._model_reply("ModelConfig", pb.ModelConfigRequest(name=name, version=version))
+        return error or _json(message_json(reply.config))  # Triton answers the config itself
 
     async def statistics(self, request: web.Request) -> web.Response:
         name, version = request.match_info.get("name", ""), request.match_info.get("version", "")
-        try:
-            reply = await self._ask("ModelStatistics", pb.ModelStatisticsRequest(name=name, version=version))
-        except Exception as exc:
-            return _error(exc)
-        return _json(message_json(reply))
+        reply, error = await self._model_reply("ModelStatistics",
+                                               pb.ModelStatisticsRequest(name=name, version=version))
+        return error or _json(message_json(reply))
 
     async def index(self, request: web.Request) -> web.Response:
         try:
@@ -129,11 +123,8 @@ class Routes:
         return await self._control("RepositoryModelUnload", pb.RepositoryModelUnloadRequest, request)
 
     async def _control(self, method: str, message: Any, request: web.Request) -> web.Response:
-        try:
-            await self._ask(method, message(model_name=request.match_info["name"]))
-        except Exception as exc:
-            return _error(exc)
-        return _json({})
+        _, error = await self._model_reply(method, message(model_name=request.match_info["name"]))
+        return error or _json({})
 
     async def infer(self, request: web.Request) -> web.Response:
         name, version = self._model(request)

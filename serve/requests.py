@@ -42,7 +42,6 @@ class ModelRun:
     mean_token_depth: float
     compute_s: float
     batch: int = 1
-    executions: int = 1
     params: dict[str, Any] = field(default_factory=dict)
     step_layers: list[int] = field(default_factory=list)  # layers executed per model run, when there are several
 
@@ -85,7 +84,7 @@ class Job:
                    "token_ids": np.array([t.token_id for t in tokens], dtype=np.int64),
                    "token_depth": np.array([t.depth for t in tokens], dtype=np.int64)}
         return ModelRun(self._pick(outputs), max(layers), float(np.mean([t.depth for t in tokens])),
-                        sum(t.compute_s for t in tokens), executions=len(tokens), step_layers=layers,
+                        sum(t.compute_s for t in tokens), step_layers=layers,
                         params={**self._totals(tokens), "triton_final_response": True})
 
     def token(self, token: Token, done: list[Token]) -> ModelRun:

@@ -240,7 +240,7 @@ def generate_response(response: Any) -> dict[str, Any]:
     return out
 
 
-def error_body(exc: BaseException, status: Any) -> tuple[int, bytes]:
+def error_body(status: Any) -> tuple[int, bytes]:
     """The HTTP status and JSON error body for a refused request (status: its gRPC status code and message)."""
     code, message = status
     return HTTP_STATUS.get(code, 500), json.dumps({"error": message}).encode()

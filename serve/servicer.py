@@ -194,18 +194,17 @@ class InferenceServicer:
 
     # -- model control (Triton's model repository extension) ----------------------------------------------------
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:  # noqa: N802
-        try:
-            await self.control.load(_control_name(request))
-        except Exception as exc:
-            await context.abort(*status_of(exc))
-        return pb.RepositoryModelLoadResponse()
+        return await self._control(self.control.load, request, context, pb.RepositoryModelLoadResponse)
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return await self._control(self.control.unload, request, context, pb.RepositoryModelUnloadResponse)
+
+    async def _control(self, action: Any, request: Any, context: Any, response: Any) -> Any:
         try:
-            await self.control.unload(_control_name(request))
+            await action(_control_name(request))
         except Exception as exc:
             await context.abort(*status_of(exc))
-        return pb.RepositoryModelUnloadResponse()
+        return response()
 
     # -- inference ---------------------------------------------------------------------------------------------
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802

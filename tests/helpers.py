@@ -95,3 +95,14 @@ def tiny_tuner(vocab_size):
 
     return ACTHyperparameterTuner(vocab_size, TINY_TUNER["d_model"], TINY_TUNER["n_layers"], TINY_TUNER["n_seq"],
                                   max_steps=2, max_eval_batches=2)
+
+
+def wait_for(condition, timeout=20.0, what="condition", every=0.005):
+    """Poll ``condition`` until it holds; an AssertionError naming ``what`` after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)

@@ -6,24 +6,16 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
+from helpers import wait_for
 from tritonclient.utils import InferenceServerException
 
 from ponder.serve.server import create_server
-
-
-def wait_for(condition, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def ids_input(ids):

@@ -16,6 +16,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from helpers import wait_for
 
 from ponder.generation import SamplingParams
 from ponder.serve import inference_pb2 as pb
@@ -23,14 +24,6 @@ from ponder.serve import inference_pb2_grpc as pb_grpc
 from ponder.serve.client import Client, ServerError
 from ponder.serve.repository import Repository
 from ponder.serve.server import TLSFiles, create_server
-
-
-def wait_for(condition, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 class Gate:

@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import wait_for
 
 from ponder.generation import SamplingParams
 from ponder.serve import inference_pb2 as pb
@@ -22,14 +23,6 @@ from ponder.serve.engine import Engine
 from ponder.serve.protocol import output_arrays
 from ponder.serve.repository import Repository
 from ponder.serve.server import create_server
-
-
-def wait_for(condition, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def ids_request(ids, threshold=None, version="1") -> pb.ModelInferRequest:
