@@ -80,10 +80,11 @@ def cached_layer(block: Block, halting: nn.Module, state: HaltState, layer: int 
     b, t, d = x.shape
     attn = block.attn
     h = attn.n_heads
-    q, k, v = attn.qkv(block.norm_attn(x)).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
-    keys = torch.cat([past.key, apply_rope(k, cos, sin)], dim=2)
-    values = torch.cat([past.value, v], dim=2)
-    y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), keys, values, attn_mask=mask)
+    qkv = attn.qkv(block.norm_attn(x)).view(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+    q, k = apply_rope(qkv[:2], cos, sin)  # one rotation for queries and keys
+    keys = torch.cat([past.key, k], dim=2)
+    values = torch.cat([past.value, qkv[2]], dim=2)
+    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
     x = x + attn.proj(y.transpose(1, 2).reshape(b, t, d))
     s = x + block.mlp(block.norm_ffn(x))
     return halting.step(state, s, layer, threshold), KV(keys, values)

@@ -30,7 +30,8 @@ from ponder.graph import (
     tensors_of,
     uniform_template,
 )
-from ponder.model import PonderLM, halt_padding
+from ponder.model import PonderLM, additive_mask, halt_padding
+from ponder.precision import drop_unused
 
 
 class DecodePrologue(nn.Module):
@@ -42,6 +43,7 @@ class DecodePrologue(nn.Module):
         m, cfg = self.model, self.model.cfg
         cos, sin, mask = decode_tables(attention_mask, input_ids.shape[1], cfg.d_model // cfg.n_heads,
                                        m.dials.value("rope_base"), cfg.n_heads, cfg.n_local_heads, self.window)
+        mask = additive_mask(mask)  # once here, not in every layer's attention
         st = halt_padding(m.halting.init_state(m.embed(input_ids)),
                           attention_mask[:, attention_mask.shape[1] - input_ids.shape[1]:] == 0)
         return st.halted, st.cum, st.depth, st.output, st.hidden, torch.zeros((), dtype=torch.int64), cos, sin, mask
@@ -209,6 +211,7 @@ def build_decode(model: PonderLM, opset: int, cutoff: float | None = None, unrol
     graph = helper.make_graph(b.nodes, "ponder-decode", inputs, outputs, list(b.initializers.values()))
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="ponder")
     proto.ir_version = 10
+    drop_unused(proto)  # e.g. a weight whose transposed copy the steps read instead
     return proto
 
 

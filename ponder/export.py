@@ -72,6 +72,9 @@ class ExportReport:
     seconds: float = 0.0
     # the batching inputs' runs (a threshold per row, padded rows), of both graphs ("graph": "scoring" | "decode")
     batched_checks: list[dict[str, Any]] = field(default_factory=list)
+    precision: str = "fp32"
+    # a low-precision export's quality bound against its float32 graph, per graph and threshold (ponder.precision)
+    quality: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _describe(model: PonderLM) -> str:
@@ -247,6 +250,17 @@ def sample_inputs(model: PonderLM, corpus_ids: Tensor | None = None) -> list[Ten
     return [a.long(), b.long()]
 
 
+def quality_inputs(model: PonderLM, corpus_ids: Tensor | None) -> list[Tensor] | None:
+    """Validation text for a low-precision export's quality bound: up to 16 rows of up to 128 tokens (two
+    batches), or None without a corpus (the check samples serve)."""
+    t = min(model.cfg.max_seq_len, 128)
+    rows = 0 if corpus_ids is None else min(16, len(corpus_ids) // t)
+    if rows < 2:
+        return None
+    ids = corpus_ids[: rows * t].view(rows, t).long()
+    return [ids[: rows // 2], ids[rows // 2:]]
+
+
 def opset_range() -> tuple[int, int]:
     """The opsets ponder exports: from the one its graph needs to the newest the installed onnx knows."""
     import onnx
@@ -280,6 +294,13 @@ def _check_compaction(compaction: str) -> None:
         raise ExportError(f"compaction must be one of {', '.join(COMPACTION_MODES)}, got {compaction!r}")
 
 
+def _check_precision(precision: str) -> None:
+    from ponder.precision import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def compaction_cutoff(model: PonderLM, compaction: str) -> float | None:
     """The graph's default ``compaction_cutoff``: none without compaction, 1.0 (always) for "on",
     the model's measured cutoff for "auto"."""
@@ -289,14 +310,19 @@ def compaction_cutoff(model: PonderLM, compaction: str) -> float | None:
 
 def export_model(model: PonderLM, path: str | Path, *, metadata: dict[str, Any] | None = None,
                  opset: int = DEFAULT_OPSET, check: bool = True, fold: bool = True, unrolled: bool = False,
-                 samples: list[Tensor] | None = None, compaction: str = "auto", decode: bool = True) -> ExportReport:
+                 samples: list[Tensor] | None = None, compaction: str = "auto", decode: bool = True,
+                 precision: str = "fp32", quality_samples: list[Tensor] | None = None) -> ExportReport:
     """Export ``model`` to ``path`` (checked, then moved into place: no partial file on failure).
 
     ``compaction`` "on" or "auto" adds the compacted layer step (running tokens only) and the
     optional input ``compaction_cutoff`` (default 1.0 for "on", the measured cutoff for "auto").
     ``decode`` also writes the decode graph (generation through a KV cache, ``ponder.graph.build_decode``)
-    beside it (``ponder.model_repository.decode_path``), checked against ``ponder.decode.decode_step``."""
+    beside it (``ponder.model_repository.decode_path``), checked against ``ponder.decode.decode_step``.
+    ``precision`` "bf16" or "int8" lowers both graphs after the float32 check and holds them to the quality bound
+    of ``ponder.precision`` on ``quality_samples`` (default: ``samples``), always, even without ``check``."""
     from ponder.model_repository import decode_path
+
+    _check_precision(precision)
 
     started = time.perf_counter()
     path = Path(path)
@@ -327,19 +353,69 @@ def export_model(model: PonderLM, path: str | Path, *, metadata: dict[str, Any] 
         compaction_meta = {"compaction": compaction, "compaction_cutoff": "" if cutoff is None else str(cutoff)}
         decode_meta = {"decode_graph": decode_path(path).name} if decode else {}
         batching = {"batching": {"row_threshold": True, "row_lengths": True}}
-        _finish(staged, {**_metadata(model), **compaction_meta, **decode_meta, **batching, **(metadata or {})})
+        _finish(staged, {**_metadata(model), **compaction_meta, **decode_meta, **batching, "precision": "fp32",
+                         **(metadata or {})})
         samples = samples or sample_inputs(model)
         cutoffs = (None,) if cutoff is None else tuple(dict.fromkeys((cutoff, 0.0, 1.0)))
         checks = check_parity(model, staged, samples, cutoffs=cutoffs) if check and not unrolled else []
         if decode:
             _finish(decode_path(staged), {**_metadata(model), "graph": "decode", **DECODE_BATCHING,
-                                          **(metadata or {})})
+                                          "precision": "fp32", **(metadata or {})})
             if check:
                 checks += check_decode(model, decode_path(staged), samples, cutoffs=cutoffs)
+        quality = [] if precision == "fp32" else lower_checked(model, staged, decode_path(staged) if decode else None,
+                                                              precision, quality_samples or samples)
+        if decode:
             os.replace(decode_path(staged), decode_path(path))
         os.replace(staged, path)
     return ExportReport(path, opset, [c for c in checks if not c["batched"]], time.perf_counter() - started,
-                        [c for c in checks if c["batched"]])
+                        [c for c in checks if c["batched"]], precision, quality)
+
+
+def lower_checked(model: PonderLM, staged: Path, decode_staged: Path | None, precision: str,
+                  samples: list[Tensor]) -> list[dict[str, Any]]:
+    """Lower the staged graphs to ``precision`` and hold each to the quality bound against its float32 self (the
+    decode graph on a prefill of each sample), at the trained threshold and full depth; an ExportError (nothing
+    is written) outside it. Returns the measurements, which also go into each graph's metadata."""
+    import numpy as np
+
+    from ponder.decode_graph import cache_names
+    from ponder.precision import MAX_PERPLEXITY_RATIO, MIN_ARGMAX_AGREEMENT, lower_file, quality, set_metadata
+
+    cfg = model.cfg
+    past_names, _ = cache_names(cfg.n_layers)
+
+    def prefill(ids: Any, threshold: float) -> dict[str, Any]:
+        empty = np.zeros((ids.shape[0], cfg.n_heads, 0, cfg.d_model // cfg.n_heads), np.float32)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "act_threshold": np.array(threshold, np.float32),
+                **dict.fromkeys(past_names, empty)}
+
+    thresholds = tuple(dict.fromkeys((model.dials.value("act_threshold"), 1.0)))
+    ids = [s.numpy() for s in samples]
+    rows: list[dict[str, Any]] = []
+    for graph, path in (("scoring", staged), ("decode", decode_staged)):
+        if path is None:
+            continue
+        reference = path.with_name(f"{path.stem}.fp32{path.suffix}")
+        shutil.copyfile(path, reference)
+        summary = lower_file(path, precision)
+        measured = quality(session(reference), session(path), ids, thresholds, None if graph == "scoring" else prefill)
+        reference.unlink()
+        for row in measured:
+            row["graph"] = graph
+        rows += measured
+        worst = [r for r in measured if not r["within_bound"]]
+        if worst:
+            r = worst[0]
+            raise ExportError(
+                f"the {precision} {graph} graph is outside the quality bound at threshold {r['threshold']:g}: "
+                f"perplexity {r['perplexity']:.4f} against {r['perplexity_fp32']:.4f} in float32 "
+                f"({r['perplexity_ratio'] - 1:+.2%}, at most {MAX_PERPLEXITY_RATIO - 1:+.0%}), the same argmax on "
+                f"{r['argmax_agreement']:.2%} of {r['tokens']} tokens (at least {MIN_ARGMAX_AGREEMENT:.0%}); "
+                f"nothing was written. Export in fp32 (the default) or a precision that keeps the bound")
+        set_metadata(path, {"precision": precision, "quality": json.dumps(measured),
+                            "lowered": json.dumps(summary)})
+    return rows
 
 
 def _metadata(model: PonderLM) -> dict[str, Any]:
@@ -387,7 +463,7 @@ def weights_digest(ckpt: Path) -> str:
 def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, *, repository: str | Path | None = None,
                       name: str | None = None, version: int | None = None, opset: int = DEFAULT_OPSET,
                       check: bool = True, fold: bool = True, compaction: str = "auto",
-                      decode: bool = True) -> ExportReport:
+                      decode: bool = True, precision: str = "fp32") -> ExportReport:
     """Export a checkpoint to a lone file (``output``) or into a model repository laid out like
     Triton's: ``repository/name/version/model.onnx`` with a ``config.json`` beside it."""
     from ponder.checkpoint import load_model, resolve
@@ -407,6 +483,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
         raise ExportError("give either an output file (-o FILE) or --repository ROOT --name NAME")
     _check_compaction(compaction)  # before the slow part
     check_opset(opset)
+    _check_precision(precision)
     if output is not None:
         check_output(output)
     else:  # the rules `ponder serve` reads the repository by: a name it would skip is refused here
@@ -420,12 +497,13 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
     except PonderError:
         corpus_ids = None  # the training data is not here: check on random tokens instead
     samples = sample_inputs(model, corpus_ids)
+    lowering = {"precision": precision, "quality_samples": quality_inputs(model, corpus_ids)}
     tokenizer_json = tokenizer.to_json()
     metadata = {"tokenizer": {"kind": tokenizer_json["kind"], "vocab_size": tokenizer.vocab_size},
                 "source_checkpoint": str(ckpt), "source_weights_sha256": weights_digest(ckpt)}
     if output is not None:
         report = export_model(model, output, metadata=metadata, opset=opset, check=check, fold=fold, samples=samples,
-                              compaction=compaction, decode=decode)
+                              compaction=compaction, decode=decode, **lowering)
         if tokenizer_json["kind"] != "byte":
             config_path = lone_config_path(output)
             config_path.write_text(json.dumps(_serving_config(model, tokenizer_json, name=Path(output).stem), indent=1))
@@ -440,7 +518,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f"{STAGING_PREFIX}{version}-"))
     try:
         report = export_model(model, staging / MODEL_FILE, metadata=metadata, opset=opset, check=check, fold=fold,
-                              samples=samples, compaction=compaction, decode=decode)
+                              samples=samples, compaction=compaction, decode=decode, **lowering)
         config = _serving_config(model, tokenizer_json, name=name, version=version)
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
         os.replace(staging, final)

@@ -37,7 +37,17 @@ import torch
 from torch import Tensor, nn
 
 from ponder.contracts.halting import HaltState
-from ponder.model import PonderLM, Rows, attention_mask, compacted_step, halt_padding, padding, rope_tables
+from ponder.model import (
+    PonderLM,
+    Rows,
+    additive_mask,
+    attention_mask,
+    compacted_step,
+    halt_padding,
+    padding,
+    rope_tables,
+)
+from ponder.precision import drop_unused
 
 STATE = ("halted", "cum", "depth", "output", "hidden", "layers")
 TABLES = ("cos", "sin", "mask")
@@ -52,7 +62,7 @@ class Prologue(nn.Module):
         m = self.model
         t = input_ids.shape[1]
         cos, sin = rope_tables(t, m.cfg.d_model // m.cfg.n_heads, m.dials.value("rope_base"), input_ids.device)
-        mask = attention_mask(t, m.cfg.n_heads, m.cfg.n_local_heads, self.window, input_ids.device)
+        mask = additive_mask(attention_mask(t, m.cfg.n_heads, m.cfg.n_local_heads, self.window, input_ids.device))
         st = halt_padding(m.halting.init_state(m.embed(input_ids)), padding(row_lengths, t))
         return st.halted, st.cum, st.depth, st.output, st.hidden, torch.zeros((), dtype=torch.int64), cos, sin, mask
 
@@ -357,4 +367,5 @@ def build(model: PonderLM, compaction: str, cutoff: float | None, opset: int, un
     graph = helper.make_graph(b.nodes, "ponder", inputs, outputs, list(b.initializers.values()))
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="ponder")
     proto.ir_version = 10  # what ONNX Runtime 1.2x reads; the exporter writes the same
+    drop_unused(proto)  # e.g. a weight whose transposed copy the steps read instead
     return proto

@@ -51,7 +51,10 @@ MODEL_NORM_POSITIONS = ("attn", "ffn", "final")
 
 # -- export --------------------------------------------------------------------------------------------------------
 
-DEFAULT_OPSET = 18
+# 23: attention is one ``Attention`` node and the MLP's GELU one ``Gelu`` (ONNX Runtime >= 1.23 runs both, fused
+# kernels even inside the early-exit ``If`` branches); at 18 both decompose into a dozen elementwise nodes, and the
+# graph ran 0.73x PyTorch eager at batch 8 (docs/export.md, "Where the time goes").
+DEFAULT_OPSET = 23
 MIN_OPSET = 18  # the traced pieces use opset-18 operators (ReduceMax with its axes as an input, among others)
 
 # -- serving ---------------------------------------------------------------------------------------------------------

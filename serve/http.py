@@ -90,7 +90,14 @@ class Routes:
     async def model_metadata(self, request: web.Request) -> web.Response:
         name, version = self._model(request)
         reply, error = await self._model_reply("ModelMetadata", pb.ModelMetadataRequest(name=name, version=version))
-        return error or _json(message_json(reply))
+        if error:
+            return error
+        body = message_json(reply)
+        # OIP's JSON metadata may carry parameters (gRPC's message has no field for them: ModelConfig does)
+        config, error = await self._model_reply("ModelConfig", pb.ModelConfigRequest(name=name, version=version))
+        if config is not None and "precision" in config.config.parameters:
+            body["parameters"] = {"precision": config.config.parameters["precision"].string_value}
+        return _json(body)
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = self._model(request)

@@ -158,6 +158,7 @@ class InferenceServicer:
                   "tokenizer": "byte" if engine.byte_level else "word", "version": mv.version,
                   "halting": engine.metadata.get("halting", {}).get("name", ""),
                   "norm": engine.metadata.get("norm", {}).get("name", ""),
+                  "precision": engine.metadata.get("precision", "fp32"),  # exported before --precision: float32
                   "max_batch_tokens": settings.max_batch_tokens,
                   "generation": (f"inputs {', '.join(f'{k} ({v} [1])' for k, v in TEXT_INPUTS.items())}; "
                                  f"text_input required; sampling_parameters a JSON object of "

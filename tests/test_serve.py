@@ -84,6 +84,7 @@ def test_tritonclient_health_metadata_and_config(server):
     assert config.name == "tiny" and config.backend == "onnxruntime"
     assert config.parameters["n_layers"].string_value == "3"
     assert config.parameters["act_threshold"].string_value == "0.9"
+    assert config.parameters["precision"].string_value == "fp32"  # ponder export --precision
     server_meta = client.get_server_metadata()
     assert server_meta.name == "ponder" and "statistics" in server_meta.extensions
 

@@ -51,6 +51,7 @@ def test_tritonclient_http_health_metadata_config_statistics_and_index(server):
     assert client.get_server_metadata()["name"] == "ponder"
     meta = client.get_model_metadata("tiny", "1")
     assert meta["name"] == "tiny" and meta["inputs"][0] == {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]}
+    assert meta["parameters"] == {"precision": "fp32"}  # ponder export --precision
     config = client.get_model_config("tiny")
     assert config["max_batch_size"] == 32 and config["input"][0]["dims"] == [-1]
     assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 0
