@@ -184,6 +184,40 @@ def bench_peers(model, run, chunks, paths: dict[str, Path], args) -> dict:
             "rows": rows}
 
 
+def bench_decode(model, run, chunks, paths: dict[str, Path], args) -> list[dict]:
+    """One generated token through each precision's decode graph after a 64-token prefill, per batch size and
+    threshold: the step a generating client waits for, interleaved across precisions."""
+    from ponder.decode_graph import cache_names
+
+    cfg = model.cfg
+    past_names, present_names = cache_names(cfg.n_layers)
+    sessions = {p: session(decode_path(path), spin=False) for p, path in paths.items()}
+    rows = []
+    for batch in args.batch_sizes:
+        ids = chunks.batch(torch.arange(0, batch))[0].numpy()
+        prompt, new = ids[:, :64], ids[:, 64:65]
+        for t in (1.0, run.model.act_threshold):
+            calls = {}
+            for p, sess in sessions.items():
+                empty = np.zeros((batch, cfg.n_heads, 0, cfg.d_model // cfg.n_heads), np.float32)
+                feed = {"input_ids": prompt, "attention_mask": np.ones_like(prompt),
+                        "act_threshold": np.array(t, np.float32), **dict.fromkeys(past_names, empty)}
+                out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True))
+                step = {"input_ids": new, "attention_mask": np.ones((batch, 65), np.int64),
+                        "act_threshold": np.array(t, np.float32),
+                        **{a: out[b] for a, b in zip(past_names, present_names, strict=True)}}
+                calls[f"ort_{p}"] = lambda s=sess, f=step: s.run(None, f)
+            for fn in calls.values():
+                fn()
+            ms = interleaved_ms(calls, args.repeats * 2)
+            row = {"batch_size": batch, "threshold": t, "ms": ms}
+            for p in ("bf16", "int8"):
+                if f"ort_{p}" in ms:
+                    row[f"{p}_vs_fp32"] = ms["ort_fp32"] / ms[f"ort_{p}"]
+            rows.append(row)
+    return rows
+
+
 def _no_grad(model, ids, threshold):
     with torch.no_grad():
         return model(ids, threshold=threshold)
@@ -220,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print("timing ONNX Runtime (fp32, bf16, int8) against PyTorch eager and torch.compile...", file=sys.stderr)
         peers = bench_peers(model, run, chunks, paths, args)
         peers["quality"] = quality
+        peers["decode"] = bench_decode(model, run, chunks, paths, args)
         if not args.skip_compaction:
             # threads that do not busy-wait after a call, so two sessions timed in turn do not slow each other
             compaction = bench_compaction(session(Path(tmp) / "loop.onnx", spin=False),
@@ -299,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['batch_size']:>5} {r['threshold']:>9g} " + " ".join(f"{r['ms'][n]:>9.2f}" for n in names)
               + f" {r['ort_vs_eager']:>7.2f}x {r.get('ort_vs_compile', float('nan')):>6.2f}x "
               f"{r.get('bf16_vs_fp32', float('nan')):>4.2f}x {r.get('int8_vs_fp32', float('nan')):>4.2f}x {goal}")
+    print("decode: one token after a 64-token prefill, ms per precision (ratio to fp32)")
+    for r in peers["decode"]:
+        print(f"{r['batch_size']:>5} {r['threshold']:>9g} " + "  ".join(
+            f"{p[4:]} {v:.3f} ({r['ms']['ort_fp32'] / v:.2f}x)" for p, v in r["ms"].items()))
     for precision, rows_q in peers["quality"].items():
         for q in rows_q:
             print(f"{precision}: " + (q["refused"] if "refused" in q else

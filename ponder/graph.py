@@ -50,6 +50,8 @@ from ponder.model import (
 from ponder.precision import drop_unused
 
 STATE = ("halted", "cum", "depth", "output", "hidden", "layers")
+# what the builder computes once when every input is an initializer (a weight and the traced constants)
+FOLDABLE = ("Transpose", "Slice", "Gather", "Squeeze", "Unsqueeze", "Reshape", "Cast")
 TABLES = ("cos", "sin", "mask")
 
 
@@ -160,6 +162,7 @@ class _Builder:
         self.nodes: list[Any] = []
         self.initializers: dict[str, Any] = {}
         self.hoisted: dict[int, dict[str, str]] = {}  # traced graph -> its initializers' names here
+        self.folded: dict[tuple, list[str]] = {}  # (op, input names, attributes) -> the folded outputs' names
 
     def constant(self, name: str, value: np.ndarray) -> str:
         from onnx import numpy_helper
@@ -187,9 +190,11 @@ class _Builder:
         for node in graph.node:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
                 raise ValueError(f"a traced piece has control flow ({node.op_type}); it cannot be copied")
-            if node.op_type == "Transpose" and names[node.input[0]] in self.initializers:
-                # a weight transposed by every run (how F.linear traces with its weight an input): once, here
-                names[node.output[0]] = self._transposed(names[node.input[0]], node)
+            if node.op_type in FOLDABLE and all(names[i] in self.initializers for i in node.input if i):
+                # a weight sliced or transposed by every run (how F.linear traces with its weight an input), or the
+                # halting unit's row picked by the layer's constant index: computed once, here
+                for out, name in zip(node.output, self._folded(node, [names[i] for i in node.input]), strict=True):
+                    names[out] = name
                 continue
             copied = onnx.NodeProto()
             copied.CopyFrom(node)
@@ -201,16 +206,29 @@ class _Builder:
             nodes.append(copied)
         return nodes, [names[o.name] for o in graph.output]
 
-    def _transposed(self, name: str, node: Any) -> str:
-        """The initializer ``name`` transposed as ``node`` (a Transpose) would, as a new initializer; its name."""
+    def _folded(self, node: Any, inputs: list[str]) -> list[str]:
+        """The outputs of ``node`` (whose inputs are all initializers, ``inputs`` their names here) as new
+        initializers, computed once per node and inputs; their names."""
+        import onnx
         from onnx import helper, numpy_helper
+        from onnx.reference import ReferenceEvaluator
 
-        perm = next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), None)
-        value = numpy_helper.to_array(self.initializers[name])
-        out = f"{name}/T{'' if perm is None else ''.join(map(str, perm))}"
-        if out not in self.initializers:
-            self.constant(out, np.ascontiguousarray(np.transpose(value, perm)))
-        return out
+        key = (node.op_type, tuple(inputs), tuple(a.SerializeToString() for a in node.attribute))
+        if key not in self.folded:
+            single = onnx.NodeProto()
+            single.CopyFrom(node)
+            del single.input[:]
+            single.input.extend(f"in{k}" if name else "" for k, name in enumerate(inputs))
+            del single.output[:]
+            single.output.extend(f"out{k}" for k in range(len(node.output)))
+            feeds = {f"in{k}": numpy_helper.to_array(self.initializers[name]) for k, name in enumerate(inputs) if name}
+            graph = helper.make_graph([single], "fold", [], [helper.make_empty_tensor_value_info(o)
+                                                             for o in single.output])
+            opsets = [helper.make_opsetid("", onnx.defs.onnx_opset_version())]  # these ops mean the same since 13
+            values = ReferenceEvaluator(helper.make_model(graph, opset_imports=opsets)).run(None, feeds)
+            stem = f"{inputs[0]}/{node.op_type}{len(self.folded)}"
+            self.folded[key] = [self.constant(f"{stem}/{k}", np.ascontiguousarray(v)) for k, v in enumerate(values)]
+        return self.folded[key]
 
     def inline(self, graph: Any, key: str, inputs: dict[str, str], prefix: str) -> list[str]:
         nodes, outputs = self.copy(graph, key, inputs, prefix)

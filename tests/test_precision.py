@@ -125,7 +125,8 @@ def test_ponder_export_int8_end_to_end(tmp_path, capsys):
 
     Trainer(load_config(write_tiny_config(tmp_path, steps=8)), tmp_path / "run", progress=False).train()
     out = tmp_path / "int8" / "model.onnx"
-    assert main(["export", str(tmp_path / "run"), "-o", str(out), "--precision", "int8", "--skip-check"]) == 0
+    assert main(["export", str(tmp_path / "run"), "-o", str(out), "--precision", "int8", "--skip-check",
+                 "--compaction", "off"]) == 0  # one traced step fewer: the lowering is the same
     printed = capsys.readouterr().out
     for graph in ("scoring", "decode"):
         assert f"int8 {graph} graph at threshold 1: perplexity" in printed
