@@ -5,9 +5,8 @@
 
 In one run, on the demo model (trained if missing) and real validation text: at batch 1 and 8,
 ONNX Runtime latency at each threshold divided by the same graph's latency at threshold 1.0, next
-to the ideal ratio layers_executed / n_layers; the early-exit graph against an unrolled
-fixed-depth export at full depth; and ONNX Runtime against PyTorch eager. Medians of interleaved
-repeats.
+to the ideal ratio layers_executed / n_layers; and the early-exit graph against an unrolled
+fixed-depth export at full depth. Medians of interleaved repeats.
 
 Compaction: the compacting export against the dense loop at every threshold and batch size, at
 each ``compaction_cutoff`` in CUTOFFS (one graph; 0.0 always dense, 1.0 always compacted), next
@@ -43,15 +42,6 @@ from ponder.model_repository import decode_path
 from ponder.train import Trainer
 
 THRESHOLDS = [0.5, 0.8, 0.9, 0.95, 0.99, 1.0]
-
-
-def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 CUTOFFS = [0.0, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0]  # 0.0: the compacting graph always dense; 1.0: always compacted
@@ -245,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print("exporting the early-exit graph and an unrolled fixed-depth one...", file=sys.stderr)
         export_model(model, Path(tmp) / "loop.onnx", compaction="off")
         export_model(model, Path(tmp) / "unrolled.onnx", unrolled=True)
-        loop, unrolled = session(Path(tmp) / "loop.onnx"), session(Path(tmp) / "unrolled.onnx")
+        loop, unrolled = session(Path(tmp) / "loop.onnx", spin=False), session(Path(tmp) / "unrolled.onnx", spin=False)
         print("exporting the default graph (compaction auto) and lowering it to bf16 and int8...", file=sys.stderr)
         export_model(model, Path(tmp) / "compact.onnx", compaction="auto")
         valid = prepare_data(run.data, tokenizer).splits["valid"]
@@ -263,17 +253,20 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batch_sizes:
             # several different inputs, each timed at every threshold, so one lucky window does not decide
             inputs = [chunks.batch(torch.arange(k * batch, (k + 1) * batch))[0] for k in range(4)]
-            for ids in inputs:  # warm-up
-                for t in THRESHOLDS:
-                    loop.run(None, {"input_ids": ids.numpy(), "act_threshold": np.array(t, np.float32)})
             per = {t: {"ms": [], "layers": []} for t in THRESHOLDS}
-            for ids in inputs:
-                feed = {"input_ids": ids.numpy()}
+            overhead = {"loop": [], "unrolled": []}
+            for ids in inputs:  # every threshold of one input round-robin, and the unrolled graph beside full depth
+                feeds = {t: {"input_ids": ids.numpy(), "act_threshold": np.array(t, np.float32)} for t in THRESHOLDS}
+                calls = {t: (lambda f=f: loop.run(None, f)) for t, f in feeds.items()}
+                calls["unrolled"] = lambda f=feeds[1.0]: unrolled.run(None, f)
+                for fn in calls.values():  # warm-up
+                    fn()
+                ms = interleaved_ms(calls, args.repeats)
                 for t in THRESHOLDS:
-                    feed["act_threshold"] = np.array(t, np.float32)
-                    layers = int(loop.run(None, feed)[1])
-                    per[t]["ms"].append(median_ms(lambda f=dict(feed): loop.run(None, f), args.repeats))
-                    per[t]["layers"].append(layers)
+                    per[t]["ms"].append(ms[t])
+                    per[t]["layers"].append(int(loop.run(None, feeds[t])[1]))
+                overhead["loop"].append(ms[1.0])
+                overhead["unrolled"].append(ms["unrolled"])
             full = statistics.mean(per[1.0]["ms"])
             for t in THRESHOLDS:
                 ms = statistics.mean(per[t]["ms"])
@@ -282,21 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"batch_size": batch, "threshold": t, "latency_ms": ms, "layers_executed": layers,
                              "latency_ratio": ratio, "ideal_ratio": ideal, "goal": 1.1 * ideal + 0.05,
                              "meets_goal": ratio <= 1.1 * ideal + 0.05})
-            ids = inputs[0]
-            feed = {"input_ids": ids.numpy(), "act_threshold": np.array(1.0, np.float32)}
-            loop_ms = median_ms(lambda f=feed: loop.run(None, f), args.repeats * 2)
-            unrolled_ms = median_ms(lambda f=feed: unrolled.run(None, f), args.repeats * 2)
-            with torch.no_grad():
-                eager_ms = median_ms(lambda x=ids: model(x, threshold=1.0), args.repeats * 2)
-                eager_thr = median_ms(lambda x=ids: model(x, threshold=run.model.act_threshold), args.repeats * 2)
-            feed_thr = {"input_ids": ids.numpy(), "act_threshold": np.array(run.model.act_threshold, np.float32)}
-            ort_thr = median_ms(lambda f=feed_thr: loop.run(None, f), args.repeats * 2)
+            loop_ms, unrolled_ms = statistics.mean(overhead["loop"]), statistics.mean(overhead["unrolled"])
             comparisons.append({"batch_size": batch, "full_depth_loop_ms": loop_ms,
-                                "full_depth_unrolled_ms": unrolled_ms,
-                                "loop_overhead": loop_ms / unrolled_ms - 1, "eager_full_ms": eager_ms,
-                                "ort_speedup_over_eager_full": eager_ms / loop_ms,
-                                "eager_trained_threshold_ms": eager_thr, "ort_trained_threshold_ms": ort_thr,
-                                "ort_speedup_over_eager_trained_threshold": eager_thr / ort_thr})
+                                "full_depth_unrolled_ms": unrolled_ms, "loop_overhead": loop_ms / unrolled_ms - 1})
     report = {"ponder_version": __version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.machine(), "n_layers": n_layers, "seq_len": run.train.seq_len,
               "thresholds": rows, "comparisons": comparisons, "compaction": compaction, "peers": peers}
@@ -310,9 +291,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['latency_ratio']:>6.2f} {r['ideal_ratio']:>6.2f} {r['goal']:>6.2f}{miss}")
     for c in comparisons:
         print(f"batch {c['batch_size']}: full depth loop {c['full_depth_loop_ms']:.2f} ms vs unrolled "
-              f"{c['full_depth_unrolled_ms']:.2f} ms (overhead {c['loop_overhead']:+.1%}); ORT vs eager "
-              f"{c['ort_speedup_over_eager_full']:.2f}x at full depth, "
-              f"{c['ort_speedup_over_eager_trained_threshold']:.2f}x at the trained threshold")
+              f"{c['full_depth_unrolled_ms']:.2f} ms (overhead {c['loop_overhead']:+.1%}); against PyTorch: the peers")
     if compaction:
         print(f"compaction (auto at cutoff {compaction['default_cutoff']:g}; the best cutoff measured here: "
               f"{compaction['best_cutoff']:g}); ratios against the dense loop at the same threshold")

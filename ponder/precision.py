@@ -62,11 +62,12 @@ def _nodes(graph: Any) -> Iterator[Any]:
 
 def weight_matmuls(proto: Any) -> tuple[list[Any], dict[str, Any]]:
     """The ``MatMul`` nodes (any depth) whose second input is a float32 matrix initializer of the main graph,
-    and those initializers by name."""
+    and those initializers by name. A one-column weight (the halting unit, ``[d, 1]``) stays float32: it costs
+    nothing and decides every token's depth."""
     from onnx import TensorProto
 
     inits = {i.name: i for i in proto.graph.initializer
-             if i.data_type == TensorProto.FLOAT and len(i.dims) == 2}
+             if i.data_type == TensorProto.FLOAT and len(i.dims) == 2 and min(i.dims) > 1}
     nodes = [n for n in _nodes(proto.graph) if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")
              and n.input[1] in inits]
     return nodes, {n.input[1]: inits[n.input[1]] for n in nodes}

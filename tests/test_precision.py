@@ -56,8 +56,10 @@ def test_quantize_int8_is_per_output_channel_and_within_half_a_step():
 def test_int8_rewrites_every_weight_matmul_in_both_graphs_inside_the_branches(fp32_copy):
     for path in (fp32_copy, decode_path(fp32_copy)):
         before = onnx.load(str(path))
-        weights = {n.input[1] for n in precision._nodes(before.graph) if n.op_type == "MatMul"} & {
-            i.name for i in before.graph.initializer if len(i.dims) == 2}
+        matrices = {i.name: list(i.dims) for i in before.graph.initializer if len(i.dims) == 2}
+        multiplied = {n.input[1] for n in precision._nodes(before.graph) if n.op_type == "MatMul"}
+        weights = {name for name in multiplied & set(matrices) if min(matrices[name]) > 1}
+        halting = {name for name in multiplied & set(matrices) if matrices[name][1] == 1}  # [d, 1] per layer
         summary = precision.lower_file(path, "int8")
         after = onnx.load(str(path))
         nodes = list(_depth_of(after.graph))
@@ -65,6 +67,7 @@ def test_int8_rewrites_every_weight_matmul_in_both_graphs_inside_the_branches(fp
         assert summary["matmuls"] == len(quantized) >= len(weights) > 0
         assert any(d >= 1 for _, d in quantized), "the layers inside If branches were not lowered"
         assert not [n for n, _ in nodes if n.op_type == "MatMul" and n.input[1] in weights]
+        assert halting and {n.input[1] for n, _ in nodes if n.op_type == "MatMul"} >= halting  # kept float32
         inits = {i.name: i for i in after.graph.initializer}
         assert not set(weights) & set(inits)  # the float32 weights are gone from the file
         for node, _ in quantized:

