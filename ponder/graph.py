@@ -81,7 +81,10 @@ class _LayerStep(nn.Module):
             n = (~halted).sum(1).max().item()  # the most running tokens in a row: rows per batch row
             torch._check(n >= 1)
             torch._check(n <= halted.shape[1])
-            rows = Rows.running(halted, n, mask)
+            a = (~halted).any(1).sum().item()  # batch rows with a running token: only they need keys and values
+            torch._check(a >= 1)
+            torch._check(a <= halted.shape[0])
+            rows = Rows.running(halted, n, mask, rows=a)
             new, _ = compacted_step(self.block, self.halting, state, layer, act_threshold, cos, sin, rows)
         else:
             new = self.halting.step(state, self.block(hidden, cos, sin, mask), layer, act_threshold)

@@ -86,20 +86,43 @@ def row_threshold(threshold: Tensor, batch: int, check: Callable[[float], float]
 class Rows(NamedTuple):
     """The positions a compacted layer computes: in each batch row its running tokens first, ``n``
     per row (the largest running count; shorter rows are padded with halted tokens, which the
-    halting step leaves unchanged)."""
+    halting step leaves unchanged). Only the batch rows with a running token take part (``active``): a row whose
+    tokens have all halted needs no keys or values at this layer, since no query of its own attends to them."""
 
-    pos: Tensor  # [B, n] positions
-    flat: Tensor  # [B * n] the same, as row indices of the flattened [B * T]
-    mask: Tensor  # [B, n_heads, n, T] attention mask of those query rows
+    pos: Tensor  # [A, n] positions, in the A active batch rows
+    flat: Tensor  # [A * n] the same, as row indices of the flattened [B * T]
+    mask: Tensor  # [A, n_heads, n, T] attention mask of those query rows
+    active: Tensor | None = None  # [A] the batch rows taking part (None: every row, A = B)
+    local: Tensor | None = None  # [A * n] row indices of the flattened active rows [A * T]
 
     @classmethod
-    def running(cls, halted: Tensor, n: int, mask: Tensor) -> Rows:
-        """The rows for the tokens not ``halted`` ([B, T]); ``mask`` is the layer's [n_heads, T, T] mask."""
+    def running(cls, halted: Tensor, n: int, mask: Tensor, rows: int | None = None) -> Rows:
+        """The rows for the tokens not ``halted`` ([B, T]); ``mask`` is the layer's [n_heads, T, T] mask.
+        ``rows``: how many batch rows have a running token (None: take every row)."""
         b, t = halted.shape
-        pos = torch.topk((~halted).to(torch.float32), n, dim=1).indices  # running (1.0) before halted (0.0)
-        flat = (pos + torch.arange(b, device=pos.device)[:, None] * t).reshape(-1)
-        rows_mask = mask.index_select(1, pos.reshape(-1)).view(mask.shape[0], b, n, t).transpose(0, 1)
-        return cls(pos, flat, rows_mask)
+        running = ~halted
+        arange = torch.arange(rows if rows is not None else b, device=halted.device)[:, None] * t
+        active = None
+        if rows is not None:  # the rows with a running token first (1.0 before 0.0), exactly ``rows`` of them
+            active = torch.topk(running.any(1).to(torch.float32), rows).indices
+            running = running.index_select(0, active)
+        pos = torch.topk(running.to(torch.float32), n, dim=1).indices  # running (1.0) before halted (0.0)
+        local = (pos + arange).reshape(-1)
+        flat = local if active is None else (pos + active[:, None] * t).reshape(-1)
+        a = pos.shape[0]
+        rows_mask = mask.index_select(1, pos.reshape(-1)).view(mask.shape[0], a, n, t).transpose(0, 1)
+        return cls(pos, flat, rows_mask, active, None if active is None else local)
+
+    def batch(self, x: Tensor) -> Tensor:
+        """``[B, ...] -> [A, ...]``: the active batch rows."""
+        return x if self.active is None else x.index_select(0, self.active)
+
+    def take_local(self, x: Tensor) -> Tensor:
+        """``[A, T, ...] -> [A, n, ...]``: :meth:`take` from a tensor of the active rows only."""
+        if self.local is None:
+            return self.take(x)
+        a, n = self.pos.shape
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.local).view(a, n, *x.shape[2:])
 
     def take(self, x: Tensor) -> Tensor:
         """``[B, T, ...] -> [B, n, ...]`` (a row Gather)."""
@@ -195,11 +218,12 @@ class Block(nn.Module):
         return x + self.mlp(self.norm_ffn(x))
 
     def forward_rows(self, x: Tensor, xr: Tensor, rows: Rows, cos: Tensor, sin: Tensor) -> Tensor:
-        """The block's output for ``rows`` of ``x`` only ([B, n, d]; ``xr`` holds them already):
-        every position is normed for the keys and values, the rest (query, projection, MLP) runs
-        on the rows alone."""
-        h = self.norm_attn(x)
-        xr = xr + self.attn.forward_rows(h, rows.take(h), cos, sin, rows.table(cos), rows.table(sin), rows.mask)
+        """The block's output for ``rows`` of ``x`` only ([A, n, d]; ``xr`` holds them already):
+        every position of the active batch rows is normed for the keys and values, the rest (query, projection,
+        MLP) runs on the rows alone."""
+        h = self.norm_attn(rows.batch(x))  # keys and values for the active batch rows only
+        xr = xr + self.attn.forward_rows(h, rows.take_local(h), cos, sin, rows.table(cos), rows.table(sin),
+                                         rows.mask)
         return xr + self.mlp(self.norm_ffn(xr))
 
 
@@ -223,6 +247,8 @@ def compacted_step(block: Block, halting: nn.Module, state: HaltState, layer: in
     dense step would leave it unchanged. Returns the new state and the rows' block outputs."""
     taken = HaltState(*(rows.take(field) for field in state))
     s = block.forward_rows(state.hidden, taken.hidden, rows, cos, sin)
+    if isinstance(threshold, Tensor):  # [1 or B, 1]: the active rows' own
+        threshold = rows.batch(threshold.expand(state.halted.shape[0], 1))
     new = halting.step(taken, s, layer, threshold)
     merged = HaltState(*(rows.put(full, part) for full, part in zip(state, new, strict=True)))
     # this layer's halting weight is 0 for every token it did not run, as in the dense step
@@ -344,7 +370,7 @@ class PonderLM(nn.Module):
         share = most.to(torch.float32) / halted.shape[1]
         if self.compaction == "auto" and not bool(share <= torch.tensor(self.compaction_cutoff, dtype=torch.float32)):
             return None
-        return Rows.running(halted, n, mask)
+        return Rows.running(halted, n, mask, rows=int((~halted).any(1).sum()))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

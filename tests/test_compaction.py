@@ -36,9 +36,9 @@ def _count_compactions(monkeypatch) -> list[int]:
     calls = []
     real = Rows.running.__func__
 
-    def counting(cls, halted, n, mask):
+    def counting(cls, halted, n, mask, rows=None):
         calls.append(n)
-        return real(cls, halted, n, mask)
+        return real(cls, halted, n, mask, rows)
 
     monkeypatch.setattr(Rows, "running", classmethod(counting))
     return calls
@@ -95,3 +95,39 @@ def test_a_threshold_tensor_is_checked():
         model(ids, threshold=torch.tensor([0.5, 0.0]))
     with torch.no_grad():  # a scalar tensor is the float
         assert torch.equal(model(ids, threshold=torch.tensor(0.5)).depth, model(ids, threshold=0.5).depth)
+
+
+def test_rows_whose_tokens_have_all_halted_take_no_part():
+    """Keys and values at a compacted layer only for the batch rows with a running token: a finished row is left
+    out of the step (its state comes back untouched) and the others get what the dense step gives."""
+    halted = torch.tensor([[True, True, True, True], [True, False, True, False], [True, True, True, True],
+                           [False, True, True, True]])
+    mask = torch.ones(2, 4, 4, dtype=torch.bool).tril()
+    rows = Rows.running(halted, 2, mask, rows=2)
+    assert sorted(rows.active.tolist()) == [1, 3] and rows.pos.shape == (2, 2) and rows.mask.shape == (2, 2, 2, 4)
+    state = torch.arange(16.0).view(4, 4)
+    taken = rows.take(state)
+    by_row = {int(a): set(r) for a, r in zip(rows.active, taken.tolist(), strict=True)}
+    assert by_row[1] == {5.0, 7.0} and 12.0 in by_row[3]  # row 3's one running token, padded with a halted one
+    assert torch.equal(rows.take_local(rows.batch(state.view(4, 4, 1))).view(2, 2), taken)
+    assert torch.equal(rows.put(state, taken), state)
+
+    model = tiny("layernorm", "act", n_layers=3)
+    ids = torch.randint(0, 40, (4, 10), generator=torch.Generator().manual_seed(5))
+    thresholds = torch.tensor([1.0, 0.01, 0.01, 0.9])  # rows 1 and 2 stop after layer 0; rows 0 and 3 go on
+    calls = []
+    real = Rows.running.__func__
+
+    def counting(cls, halted, n, mask, rows=None):
+        calls.append(rows)
+        return real(cls, halted, n, mask, rows)
+
+    with torch.no_grad():
+        dense = _run(model, ids, "off", thresholds)
+        Rows.running = classmethod(counting)
+        try:
+            out = _run(model, ids, "on", thresholds)
+        finally:
+            Rows.running = classmethod(real)
+    assert calls and max(calls) == 2  # two of four rows took part in every compacted layer
+    assert torch.allclose(out.logits, dense.logits, atol=1e-5) and torch.equal(out.depth, dense.depth)
