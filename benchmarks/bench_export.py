@@ -37,8 +37,9 @@ from ponder import __version__
 from ponder.checkpoint import load_model
 from ponder.config import load_config
 from ponder.data import TokenChunks, prepare_data
-from ponder.export import export_model, lower_checked, quality_inputs, session
+from ponder.export import export_model, session
 from ponder.model_repository import decode_path
+from ponder.precision import lower_checked, quality_inputs
 from ponder.train import Trainer
 
 THRESHOLDS = [0.5, 0.8, 0.9, 0.95, 0.99, 1.0]

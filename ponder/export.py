@@ -250,17 +250,6 @@ def sample_inputs(model: PonderLM, corpus_ids: Tensor | None = None) -> list[Ten
     return [a.long(), b.long()]
 
 
-def quality_inputs(model: PonderLM, corpus_ids: Tensor | None) -> list[Tensor] | None:
-    """Validation text for a low-precision export's quality bound: up to 16 rows of up to 128 tokens (two
-    batches), or None without a corpus (the check samples serve)."""
-    t = min(model.cfg.max_seq_len, 128)
-    rows = 0 if corpus_ids is None else min(16, len(corpus_ids) // t)
-    if rows < 2:
-        return None
-    ids = corpus_ids[: rows * t].view(rows, t).long()
-    return [ids[: rows // 2], ids[rows // 2:]]
-
-
 def opset_range() -> tuple[int, int]:
     """The opsets ponder exports: from the one its graph needs to the newest the installed onnx knows."""
     import onnx
@@ -363,59 +352,21 @@ def export_model(model: PonderLM, path: str | Path, *, metadata: dict[str, Any] 
                                           "precision": "fp32", **(metadata or {})})
             if check:
                 checks += check_decode(model, decode_path(staged), samples, cutoffs=cutoffs)
-        quality = [] if precision == "fp32" else lower_checked(model, staged, decode_path(staged) if decode else None,
-                                                              precision, quality_samples or samples)
+        if precision == "fp32":
+            quality = []
+        else:
+            from ponder.precision import QualityBoundError, lower_checked
+
+            try:
+                quality = lower_checked(model, staged, decode_path(staged) if decode else None, precision,
+                                        quality_samples or samples)
+            except QualityBoundError as exc:
+                raise ExportError(str(exc)) from None
         if decode:
             os.replace(decode_path(staged), decode_path(path))
         os.replace(staged, path)
     return ExportReport(path, opset, [c for c in checks if not c["batched"]], time.perf_counter() - started,
                         [c for c in checks if c["batched"]], precision, quality)
-
-
-def lower_checked(model: PonderLM, staged: Path, decode_staged: Path | None, precision: str,
-                  samples: list[Tensor]) -> list[dict[str, Any]]:
-    """Lower the staged graphs to ``precision`` and hold each to the quality bound against its float32 self (the
-    decode graph on a prefill of each sample), at the trained threshold and full depth; an ExportError (nothing
-    is written) outside it. Returns the measurements, which also go into each graph's metadata."""
-    import numpy as np
-
-    from ponder.decode_graph import cache_names
-    from ponder.precision import MAX_PERPLEXITY_RATIO, MIN_ARGMAX_AGREEMENT, lower_file, quality, set_metadata
-
-    cfg = model.cfg
-    past_names, _ = cache_names(cfg.n_layers)
-
-    def prefill(ids: Any, threshold: float) -> dict[str, Any]:
-        empty = np.zeros((ids.shape[0], cfg.n_heads, 0, cfg.d_model // cfg.n_heads), np.float32)
-        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "act_threshold": np.array(threshold, np.float32),
-                **dict.fromkeys(past_names, empty)}
-
-    thresholds = tuple(dict.fromkeys((model.dials.value("act_threshold"), 1.0)))
-    ids = [s.numpy() for s in samples]
-    rows: list[dict[str, Any]] = []
-    for graph, path in (("scoring", staged), ("decode", decode_staged)):
-        if path is None:
-            continue
-        reference = path.with_name(f"{path.stem}.fp32{path.suffix}")
-        shutil.copyfile(path, reference)
-        summary = lower_file(path, precision)
-        measured = quality(session(reference), session(path), ids, thresholds, None if graph == "scoring" else prefill)
-        reference.unlink()
-        for row in measured:
-            row["graph"] = graph
-        rows += measured
-        worst = [r for r in measured if not r["within_bound"]]
-        if worst:
-            r = worst[0]
-            raise ExportError(
-                f"the {precision} {graph} graph is outside the quality bound at threshold {r['threshold']:g}: "
-                f"perplexity {r['perplexity']:.4f} against {r['perplexity_fp32']:.4f} in float32 "
-                f"({r['perplexity_ratio'] - 1:+.2%}, at most {MAX_PERPLEXITY_RATIO - 1:+.0%}), the same argmax on "
-                f"{r['argmax_agreement']:.2%} of {r['tokens']} tokens (at least {MIN_ARGMAX_AGREEMENT:.0%}); "
-                f"nothing was written. Export in fp32 (the default) or a precision that keeps the bound")
-        set_metadata(path, {"precision": precision, "quality": json.dumps(measured),
-                            "lowered": json.dumps(summary)})
-    return rows
 
 
 def _metadata(model: PonderLM) -> dict[str, Any]:
@@ -497,6 +448,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
     except PonderError:
         corpus_ids = None  # the training data is not here: check on random tokens instead
     samples = sample_inputs(model, corpus_ids)
+    from ponder.precision import quality_inputs
+
     lowering = {"precision": precision, "quality_samples": quality_inputs(model, corpus_ids)}
     tokenizer_json = tokenizer.to_json()
     metadata = {"tokenizer": {"kind": tokenizer_json["kind"], "vocab_size": tokenizer.vocab_size},

@@ -13,21 +13,32 @@ Neither matches PyTorch to 1e-4, so a low-precision export is held to a quality 
 graph on validation text instead (:func:`check_quality`): perplexity within 1% and the same argmax on at least 99%
 of tokens, at the trained threshold and at full depth. An export outside the bound is refused and nothing is
 written.
+
+:func:`lower_checked` is the export's step (``ponder.export.export_model`` calls it on its staged files). Torch-free,
+below the graph builder (which uses :func:`drop_unused`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ponder.errors import PonderError
+
 PRECISIONS = ("fp32", "bf16", "int8")
 MAX_PERPLEXITY_RATIO = 1.01  # low-precision perplexity / fp32 perplexity
 MIN_ARGMAX_AGREEMENT = 0.99  # share of tokens whose most likely next token is fp32's
 CONTRIB = "com.microsoft"
+
+
+class QualityBoundError(PonderError):
+    """A low-precision graph is outside the quality bound (the export refuses it)."""
 
 
 def check_precision(precision: str) -> str:
@@ -186,4 +197,62 @@ def quality(reference: Any, lowered: Any, samples: list[np.ndarray], thresholds:
         rows.append({"threshold": threshold, "perplexity_fp32": ppl_ref, "perplexity": ppl,
                      "perplexity_ratio": ppl / ppl_ref, "argmax_agreement": agreement, "tokens": tokens,
                      "within_bound": ppl / ppl_ref <= MAX_PERPLEXITY_RATIO and agreement >= MIN_ARGMAX_AGREEMENT})
+    return rows
+
+
+def quality_inputs(model: Any, corpus_ids: Any) -> list[Any] | None:
+    """Validation text for a low-precision export's quality bound: up to 16 rows of up to 128 tokens (two
+    batches), or None without a corpus (the check samples serve)."""
+    t = min(model.cfg.max_seq_len, 128)
+    rows = 0 if corpus_ids is None else min(16, len(corpus_ids) // t)
+    if rows < 2:
+        return None
+    ids = corpus_ids[: rows * t].view(rows, t).long()
+    return [ids[: rows // 2], ids[rows // 2:]]
+
+
+def lower_checked(model: Any, staged: Path, decode_staged: Path | None, precision: str,
+                  samples: list[Any]) -> list[dict[str, Any]]:
+    """Lower the staged graphs to ``precision`` and hold each to the quality bound against its float32 self (the
+    decode graph on a prefill of each sample), at the trained threshold and full depth; an ExportError (nothing
+    is written) outside it (QualityBoundError). Returns the measurements, which also go into each graph's metadata."""
+    from ponder.onnx_runtime import open_session
+
+    cfg = model.cfg
+
+    def prefill_of(sess: Any):
+        past = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+
+        def prefill(ids: Any, threshold: float) -> dict[str, Any]:
+            empty = np.zeros((ids.shape[0], cfg.n_heads, 0, cfg.d_model // cfg.n_heads), np.float32)
+            return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                    "act_threshold": np.array(threshold, np.float32), **dict.fromkeys(past, empty)}
+        return prefill
+
+    thresholds = tuple(dict.fromkeys((model.dials.value("act_threshold"), 1.0)))
+    ids = [s.numpy() for s in samples]
+    rows: list[dict[str, Any]] = []
+    for graph, path in (("scoring", staged), ("decode", decode_staged)):
+        if path is None:
+            continue
+        reference = path.with_name(f"{path.stem}.fp32{path.suffix}")
+        shutil.copyfile(path, reference)
+        summary = lower_file(path, precision)
+        fp32 = open_session(reference)
+        measured = quality(fp32, open_session(path), ids, thresholds, None if graph == "scoring" else prefill_of(fp32))
+        reference.unlink()
+        for row in measured:
+            row["graph"] = graph
+        rows += measured
+        worst = [r for r in measured if not r["within_bound"]]
+        if worst:
+            r = worst[0]
+            raise QualityBoundError(
+                f"the {precision} {graph} graph is outside the quality bound at threshold {r['threshold']:g}: "
+                f"perplexity {r['perplexity']:.4f} against {r['perplexity_fp32']:.4f} in float32 "
+                f"({r['perplexity_ratio'] - 1:+.2%}, at most {MAX_PERPLEXITY_RATIO - 1:+.0%}), the same argmax on "
+                f"{r['argmax_agreement']:.2%} of {r['tokens']} tokens (at least {MIN_ARGMAX_AGREEMENT:.0%}); "
+                f"nothing was written. Export in fp32 (the default) or a precision that keeps the bound")
+        set_metadata(path, {"precision": precision, "quality": json.dumps(measured),
+                            "lowered": json.dumps(summary)})
     return rows
