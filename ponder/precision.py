@@ -214,8 +214,9 @@ def quality_inputs(model: Any, corpus_ids: Any) -> list[Any] | None:
 def lower_checked(model: Any, staged: Path, decode_staged: Path | None, precision: str,
                   samples: list[Any]) -> list[dict[str, Any]]:
     """Lower the staged graphs to ``precision`` and hold each to the quality bound against its float32 self (the
-    decode graph on a prefill of each sample), at the trained threshold and full depth; an ExportError (nothing
-    is written) outside it (QualityBoundError). Returns the measurements, which also go into each graph's metadata."""
+    decode graph on a prefill of each sample), at the trained threshold and full depth: a QualityBoundError outside
+    it (the export raises it as an ExportError and writes nothing). Returns the measurements, which also go into
+    each graph's metadata."""
     from ponder.onnx_runtime import open_session
 
     cfg = model.cfg
