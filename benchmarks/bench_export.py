@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shutil
 import statistics
@@ -169,7 +170,8 @@ def bench_peers(model, run, chunks, paths: dict[str, Path], args) -> dict:
                     row[f"{p}_vs_fp32"] = ms["ort_fp32"] / ms[f"ort_{p}"]
             goal = PEER_GOALS["ort_vs_eager"].get(batch)
             if goal is not None:
-                row["goal"], row["meets_goal"] = goal, row["ort_vs_eager"] >= goal and row.get("ort_vs_compile", 2) > 1
+                ahead = row.get("ort_vs_compile", math.inf) > 1  # of torch.compile, where it runs
+                row["goal"], row["meets_goal"] = goal, row["ort_vs_eager"] >= goal and ahead
             rows.append(row)
     return {"compile": compile_note if compiled is None else f"compiled and warmed in {compile_note:.0f} s",
             "rows": rows}

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from ponder import __version__
-from ponder.limits import DEFAULT_OPSET, THRESHOLD_RANGE
+from ponder.limits import (
+    DEFAULT_OPSET,
+    MAX_PERPLEXITY_RATIO,
+    MIN_ARGMAX_AGREEMENT,
+    PRECISIONS,
+    THRESHOLD_RANGE,
+)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -144,11 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "per layer in the graph; 'on' always; 'off' the dense layer loop")
     ex.add_argument("--no-decode", action="store_true",
                     help="write the scoring graph only, without decode.onnx (generation through a KV cache)")
-    ex.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+    bound = f"within {MAX_PERPLEXITY_RATIO - 1:.0%} of fp32 and >= {MIN_ARGMAX_AGREEMENT:.0%} of tokens keep the argmax"
+    ex.add_argument("--precision", choices=PRECISIONS, default="fp32",
                     help="weights of both graphs: fp32 (default, checked against PyTorch to 1e-4); int8 (per-channel "
                          "weights, activations quantized per call) or bf16 (half the file, float32 compute: ONNX "
                          "Runtime has no bf16 CPU kernels on x86), written only if validation perplexity stays "
-                         "within 1%% of fp32 and >= 99%% of tokens keep their argmax")
+                         + bound.replace("%", "%%"))
     ex.add_argument("--skip-check", action="store_true",
                     help="write without comparing ONNX Runtime against PyTorch (not recommended; the quality bound "
                          "of --precision bf16/int8 still applies)")

@@ -284,10 +284,12 @@ def _check_compaction(compaction: str) -> None:
 
 
 def _check_precision(precision: str) -> None:
-    from ponder.precision import PRECISIONS
+    from ponder.precision import check_precision
 
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    try:
+        check_precision(precision)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def compaction_cutoff(model: PonderLM, compaction: str) -> float | None:

@@ -50,9 +50,9 @@ from ponder.model import (
 from ponder.precision import drop_unused
 
 STATE = ("halted", "cum", "depth", "output", "hidden", "layers")
+TABLES = ("cos", "sin", "mask")
 # what the builder computes once when every input is an initializer (a weight and the traced constants)
 FOLDABLE = ("Transpose", "Slice", "Gather", "Squeeze", "Unsqueeze", "Reshape", "Cast")
-TABLES = ("cos", "sin", "mask")
 
 
 class Prologue(nn.Module):

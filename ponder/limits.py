@@ -56,6 +56,10 @@ MODEL_NORM_POSITIONS = ("attn", "ffn", "final")
 # graph ran 0.73x PyTorch eager at batch 8 (docs/export.md, "Where the time goes").
 DEFAULT_OPSET = 23
 MIN_OPSET = 18  # the traced pieces use opset-18 operators (ReduceMax with its axes as an input, among others)
+# ponder export --precision, and the quality bound a low-precision export must keep against its float32 graph
+PRECISIONS = ("fp32", "bf16", "int8")
+MAX_PERPLEXITY_RATIO = 1.01  # low-precision perplexity / fp32 perplexity
+MIN_ARGMAX_AGREEMENT = 0.99  # share of tokens whose most likely next token is fp32's
 
 # -- serving ---------------------------------------------------------------------------------------------------------
 

@@ -125,7 +125,7 @@ class Rows(NamedTuple):
         return x.reshape(-1, *x.shape[2:]).index_select(0, self.local).view(a, n, *x.shape[2:])
 
     def take(self, x: Tensor) -> Tensor:
-        """``[B, T, ...] -> [B, n, ...]`` (a row Gather)."""
+        """``[B, T, ...] -> [A, n, ...]`` (a row Gather)."""
         b, n = self.pos.shape
         return x.reshape(-1, *x.shape[2:]).index_select(0, self.flat).view(b, n, *x.shape[2:])
 

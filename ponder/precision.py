@@ -30,10 +30,8 @@ from typing import Any
 import numpy as np
 
 from ponder.errors import PonderError
+from ponder.limits import MAX_PERPLEXITY_RATIO, MIN_ARGMAX_AGREEMENT, PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "int8")
-MAX_PERPLEXITY_RATIO = 1.01  # low-precision perplexity / fp32 perplexity
-MIN_ARGMAX_AGREEMENT = 0.99  # share of tokens whose most likely next token is fp32's
 CONTRIB = "com.microsoft"
 
 
